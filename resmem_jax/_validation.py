@@ -1,0 +1,79 @@
+"""Host-side checks at the public boundary: bad input raises before anything compiles.
+
+Value checks (finiteness, ranges) need concrete arrays; under an outer `jax.jit` the
+arguments are tracers and only the static checks (shapes, dtypes) can run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def as_array(name: str, x: Any):
+  """Returns `x` as a NumPy or JAX array without copying device arrays to the host."""
+  if isinstance(x, (jax.Array, np.ndarray)):
+    return x
+  try:
+    return np.asarray(x)
+  except Exception as e:  # ragged lists and the like
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}: {e}") from None
+
+
+def check_floating(name: str, x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}")
+
+
+def check_integer(name: str, x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must have an integer dtype, got {name}.dtype={x.dtype}")
+
+
+def check_ndim(name: str, x, ndims: tuple[int, ...], meaning: str) -> None:
+  if x.ndim not in ndims:
+    raise ValueError(f"{name} must be {meaning}, got {name}.shape={tuple(x.shape)}")
+
+
+def check_finite(name: str, x) -> None:
+  """Raises ValueError naming the first non-finite entry of `x` (skipped under jit)."""
+  if is_traced(x) or x.size == 0:
+    return
+  if isinstance(x, np.ndarray):
+    ok = bool(np.isfinite(x).all())
+  else:
+    ok = bool(jnp.isfinite(x).all())
+  if not ok:
+    bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))[0]
+    value = np.asarray(x)[tuple(bad)]
+    raise ValueError(f"{name} must be finite, got {name}[{', '.join(map(str, bad))}]={value}")
+
+
+def check_positive(name: str, value) -> None:
+  if is_traced(value):
+    return
+  arr = np.asarray(value)
+  if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+    raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
+
+
+def check_int(name: str, value, *, low: int, high: int | None = None) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {name}={value!r}")
+  value = int(value)
+  if value < low or (high is not None and value > high):
+    bound = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
+    raise ValueError(f"{name} must satisfy {bound}, got {name}={value}")
+  return value
+
+
+def check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {name}={value!r}")
