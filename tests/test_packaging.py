@@ -1,0 +1,35 @@
+"""The kNN kernels install as `resmem_jax.kernels`, never as a top-level `kernels`."""
+
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel_names(tmp_path_factory):
+  out = tmp_path_factory.mktemp("wheel")
+  subprocess.run(
+      [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+       "-w", str(out), str(ROOT)],
+      check=True, capture_output=True, text=True)
+  (wheel,) = out.glob("resmem_jax-*.whl")
+  with zipfile.ZipFile(wheel) as zf:
+    return zf.namelist()
+
+
+def test_wheel_maps_kernels_under_the_package(wheel_names):
+  assert "resmem_jax/kernels/__init__.py" in wheel_names
+  assert "resmem_jax/kernels/api.py" in wheel_names
+  top_level = {name.split("/")[0] for name in wheel_names if ".dist-info" not in name}
+  assert top_level == {"resmem_jax"}, top_level
+
+
+def test_installed_package_imports_kernels_from_the_kernels_folder():
+  import resmem_jax.kernels as kernels
+  assert pathlib.Path(kernels.__file__).resolve().parent == ROOT / "kernels"
+  assert kernels.knn is __import__("resmem_jax").knn
