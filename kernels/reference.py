@@ -24,7 +24,7 @@ def ranking_scores(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   dots = jnp.dot(queries, keys.T, precision=HIGHEST)
   if metric == "ip":
     return -dots
-  return jnp.sum(keys * keys, axis=-1) - 2.0 * dots
+  return jnp.sum(keys * keys, axis=-1)[None, :] - 2.0 * dots
 
 
 def knn_reference(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
