@@ -11,6 +11,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from resmem_jax import _validation as v
+from resmem_jax.kernels import sharded
 from resmem_jax.kernels.base import BlockSizes, KnnResult
 from resmem_jax.kernels.reference import knn_reference
 from resmem_jax.kernels.xla import knn_xla
@@ -89,7 +90,7 @@ def _knn_padded(queries, keys, *, k, metric, implementation, block_sizes):
   if metric == "l2":
     # Centring on the key mean keeps the ranking exact for data far from the origin,
     # where ||x||^2 and 2 q.x are huge and nearly cancel.
-    mean = jnp.mean(keys, axis=0)
+    mean = jnp.mean(keys, axis=0, keepdims=True)
     q_rank, k_rank = queries - mean, keys - mean
   else:
     q_rank, k_rank = queries, keys
@@ -171,7 +172,13 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   padded = query_bucket(n_q)
   if padded != n_q:
     queries = jnp.pad(jnp.asarray(queries), ((0, padded - n_q), (0, 0)))
-  distances, indices = _knn_padded(
-      queries, keys, k=k, metric=metric, implementation=implementation,
-      block_sizes=block_sizes)
+  if sharded.row_axes(keys) is not None:
+    # Keys split over devices by rows: local searches + one merge, same result.
+    distances, indices = sharded.knn_sharded(
+        queries, keys, k, metric=metric, implementation=implementation,
+        block_sizes=block_sizes)
+  else:
+    distances, indices = _knn_padded(
+        queries, keys, k=k, metric=metric, implementation=implementation,
+        block_sizes=block_sizes)
   return KnnResult(distances[:n_q], indices[:n_q])

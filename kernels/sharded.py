@@ -1,0 +1,166 @@
+"""Exact kNN over keys whose rows are split across devices, with `jax.shard_map`.
+
+Every shard runs the same exact search on its own rows (centred by the GLOBAL key
+mean, so ranking stays exact for offset data), re-scores its k local winners as exact
+distances, and shifts their indices by the shard's offset. The (Q, shards * k)
+candidates are then merged by (distance, global index): the k nearest of the union of
+the local k nearest are the global k nearest, and equal distances keep the lower
+global index first, exactly as on one device. Only Q * k candidates per shard cross
+devices; the keys never move.
+
+Placing a memory over the devices of a TPU pod slice (or GPUs, or fake CPU devices):
+
+    # Multi-host only: every host runs the same program after
+    jax.distributed.initialize()
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    keys = jax.device_put(keys, NamedSharding(mesh, P("data", None)))   # or rm.shard_memory
+    res = rm.knn(queries, keys, k=10)           # dispatches here; result replicated
+
+On several hosts, build the global array from each host's rows with
+`jax.make_array_from_process_local_data(NamedSharding(mesh, P("data", None)), local_rows)`
+instead of `device_put`. The row count must be a multiple of the number of shards
+(JAX refuses uneven row shardings; pad or trim the memory). A mesh with more axes works too: split the rows over any
+of its axes (`P(("data", "model"), None)`); the other axes hold replicas.
+
+Reference: the multi-device kNN of jax/_src/lax/ann.py (local top-k, offsets, one
+final top-k), written with `jax.shard_map` instead of `pmap`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def row_axes(x) -> tuple[str, ...] | None:
+  """Mesh axes that split the rows of `x`, when it is a row-sharded array, else None."""
+  sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, NamedSharding) or not sharding.spec:
+    return None
+  axes = sharding.spec[0]
+  if axes is None:
+    return None
+  # A one-device axis still goes through shard_map: under an Explicit mesh the plain
+  # path would have to top-k over a (trivially) sharded axis, which JAX refuses.
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def n_shards(mesh, axes: tuple[str, ...]) -> int:
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, block_sizes):
+  """(distances, indices) of the k nearest keys, with `keys` row-sharded (see module doc).
+
+  `queries` are replicated over the mesh; the result is replicated too. The caller
+  (`rm.knn`) has validated the inputs and padded the queries to a size bucket.
+  """
+  # JAX itself refuses a NamedSharding that splits N unevenly, so the shards are equal.
+  mesh = keys.sharding.mesh
+  axes = row_axes(keys)
+  keys = jax.device_put(keys, NamedSharding(mesh, P(axes, None)))
+  queries = jax.device_put(queries, NamedSharding(mesh, P()))
+  return _knn_sharded(queries, keys, k=k, metric=metric, implementation=implementation,
+                      block_sizes=block_sizes, mesh=mesh, axes=axes)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric", "implementation", "block_sizes",
+                                             "mesh", "axes"))
+def _knn_sharded(queries, keys, *, k, metric, implementation, block_sizes, mesh, axes):
+  # The registry and the re-scoring live in api.py, which imports this module.
+  from resmem_jax.kernels import api  # pylint: disable=g-import-not-at-top
+
+  dtype = jnp.promote_types(jnp.promote_types(queries.dtype, keys.dtype), jnp.float32)
+  queries = queries.astype(dtype)
+  keys = keys.astype(dtype)
+  n_local = keys.shape[0] // n_shards(mesh, axes)
+  k_local = min(k, n_local)
+  if metric == "l2":
+    # One global mean (an all-reduce) keeps every shard's ranking on the same centred
+    # coordinates as a single-device search.
+    mean = jnp.mean(keys, axis=0, keepdims=True)
+  else:
+    mean = jnp.zeros((1, keys.shape[1]), dtype)
+
+  def local(q, x, mu):
+    _, idx = api.IMPLEMENTATIONS[implementation](
+        q - mu, x - mu, k_local, metric=metric, block_sizes=block_sizes)
+    idx = idx.astype(jnp.int32)
+    if k_local < k:
+      # Re-score a full (Q, k) block, as one device does, so the distances are the
+      # same bits: pad with a NaN row that sorts last and is then dropped.
+      idx = jnp.pad(idx, ((0, 0), (0, k - k_local)), constant_values=n_local)
+      x = jnp.concatenate([x, jnp.full((1, x.shape[1]), jnp.nan, x.dtype)])
+    dist, idx = api._rescore(q, x, idx, metric)  # pylint: disable=protected-access
+    real = idx < n_local
+    offset = jax.lax.axis_index(axes) * n_local
+    dist = jnp.where(real, dist, jnp.inf)
+    idx = jnp.where(real, idx + offset.astype(jnp.int32), n_local * n_shards(mesh, axes))
+    # (Q, shards * k) candidates in shard order, the same on every device; the
+    # k smallest by (distance, global index) are the global k nearest.
+    dist, idx = jax.lax.all_gather((dist, idx), axes, axis=1, tiled=True)
+    dist, idx = jax.lax.sort((dist, idx), dimension=1, num_keys=2)
+    return dist[:, :k], idx[:, :k]
+
+  # check_vma=False: the single-device backends (scans with replicated initial carries)
+  # are not annotated for varying manual axes. The outputs are replicated by
+  # construction: every device sorts the same all-gathered candidates.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None), P()),
+                       out_specs=(P(), P()), check_vma=False)(queries, keys, mean)
+
+
+def placement(x) -> tuple | None:
+  """(mesh, row axes) of a row-sharded array, else None: a static jit argument."""
+  axes = row_axes(x)
+  return None if axes is None else (x.sharding.mesh, axes)
+
+
+def _row_spec(ndim: int, axes) -> P:
+  return P(axes, *([None] * (ndim - 1)))
+
+
+def _local_rows(table, idx, n_local, axes):
+  """This shard's rows of `table` at global `idx`, zeros where another shard owns them."""
+  local = idx - jax.lax.axis_index(axes).astype(idx.dtype) * n_local
+  own = (local >= 0) & (local < n_local)
+  rows = table[jnp.clip(local, 0, n_local - 1)]
+  return jnp.where(own.reshape(own.shape + (1,) * (rows.ndim - own.ndim)), rows, 0)
+
+
+def gather_rows(table, idx, *, placement):
+  """`table[idx]` for a row-sharded `table` (inside jit): each row comes from its owner.
+
+  Every shard contributes the rows it owns and zeros elsewhere; one psum assembles
+  them exactly (x + 0 = x), replicated on every device.
+  """
+  mesh, axes = placement
+  n_local = table.shape[0] // n_shards(mesh, axes)
+  return jax.shard_map(
+      lambda t, i: jax.lax.psum(_local_rows(t, i, n_local, axes), axes),
+      mesh=mesh, in_specs=(_row_spec(table.ndim, axes), P()), out_specs=P(),
+      check_vma=False)(table, idx)
+
+
+def weighted_row_sum(table, idx, weights, *, placement, batch_size: int = 512):
+  """sum_j weights[q, j] table[idx[q, j]] for a row-sharded (N, C) `table` (inside jit).
+
+  Each shard sums the rows it owns; one psum of (Q, C) partial sums adds the shards,
+  so only Q * C values cross devices whatever k is.
+  """
+  mesh, axes = placement
+  n_local = table.shape[0] // n_shards(mesh, axes)
+  hp = jax.lax.Precision.HIGHEST
+
+  def local(t, i, w):
+    def one(args):
+      i_q, w_q = args
+      return jnp.dot(w_q, _local_rows(t, i_q, n_local, axes).astype(jnp.float32), precision=hp)
+    partial = jax.lax.map(one, (i, w), batch_size=min(batch_size, i.shape[0]))
+    return jax.lax.psum(partial, axes)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(_row_spec(2, axes), P(), P()),
+                       out_specs=P(), check_vma=False)(table, idx, weights)

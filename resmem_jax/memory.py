@@ -1,0 +1,367 @@
+"""The ResMem memory: training embeddings and the residuals the base model left behind.
+
+`build_memory` turns a trained base model's training-set embeddings, targets and
+outputs into a `Memory` pytree; `predict` (predict.py) adds the soft kNN average of
+the residuals to the base prediction of new points.
+
+Reference: Yang et al., "ResMem: Learn what you can and memorize the rest",
+NeurIPS 2023 (arXiv 2302.01576), section 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from resmem_jax import _validation as v
+
+TASKS = ("classification", "regression")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryMeta:
+  """Static facts about a memory, checked on every use (pytree aux data, so static under jit).
+
+  Attributes:
+    task: "classification" or "regression".
+    temperature: T of the stored residuals, onehot(y) - softmax(z / T) (1.0 and unused
+      for regression).
+    dim: embedding dimension D of the keys; queries must match it.
+    n_outputs: number of classes C, or of regression outputs M (1 for scalar targets).
+    output_shape: per-example shape of the base outputs the memory expects: (C,) for
+      classification, () for scalar regression, (M,) otherwise.
+    dtype: dtype of the keys, as a string.
+    fingerprint: optional hash of the base model that produced the outputs (see
+      `model_fingerprint`); checked by `predict` and `load_memory` when given.
+  """
+
+  task: str
+  temperature: float
+  dim: int
+  n_outputs: int
+  output_shape: tuple[int, ...]
+  dtype: str
+  fingerprint: str | None = None
+
+
+# Leafless pytree node whose value is part of the treedef: a jitted function taking a
+# Memory retraces only when its metadata changes, never on its values.
+jax.tree_util.register_static(MemoryMeta)
+
+
+class Memory(NamedTuple):
+  """What ResMem memorizes about the training set (a pytree; `meta` is static).
+
+  Searches centre keys and queries by the key mean (inside `rm.knn`), so the memory
+  stores the keys as given and needs no centring state: the mean is recomputed from
+  the keys (an O(N D) reduction, also across shards of a sharded memory).
+
+  Attributes:
+    keys: (N, D) floating, the training embeddings phi(x_i).
+    residuals: (N, C) float32 at `meta.temperature`; (N, M) for regression.
+    outputs: (N, C) float32 base logits (or regression outputs), kept so that `sweep`
+      can recompute the residuals at another temperature without a new search.
+    targets: (N,) int32 labels, or (N, M) float32 regression targets.
+    meta: `MemoryMeta`, static.
+  """
+
+  keys: Float[Array, "N D"]
+  residuals: Float[Array, "N C"]
+  outputs: Float[Array, "N C"]
+  targets: Int[Array, "N"] | Float[Array, "N C"]
+  meta: MemoryMeta
+
+  @property
+  def size(self) -> int:
+    """Number of memorized points N."""
+    return self.keys.shape[0]
+
+
+def base_prediction(base_outputs: Float[Array, "Q C"], *, task: str,
+                    temperature: float = 1.0) -> Float[Array, "Q C"]:
+  """The base model's own prediction: softmax(z / T) (classification) or f(x)."""
+  if task == "classification":
+    return jax.nn.softmax(base_outputs.astype(jnp.float32) / temperature, axis=-1)
+  return base_outputs.astype(jnp.float32)
+
+
+def residuals_unchecked(targets, base_outputs, *, task: str, temperature=1.0):
+  """`residuals` without host checks, for use inside jit (temperature may be traced)."""
+  base = base_prediction(base_outputs, task=task, temperature=temperature)
+  if task == "classification":
+    return jax.nn.one_hot(targets, base_outputs.shape[-1], dtype=base.dtype) - base
+  return targets.astype(base.dtype) - base
+
+
+def residuals(targets: Int[Array, "N"] | Float[Array, "N ..."],
+              base_outputs: Float[Array, "N ..."], *, task: str = "classification",
+              temperature: float = 1.0) -> Float[Array, "N ..."]:
+  r"""What the base model failed to fit on each training point.
+
+    classification:  r_i = onehot(y_i) - softmax(z_i / T)
+    regression:      r_i = y_i - f(x_i)
+
+  Args:
+    targets: (N,) int labels in [0, C) for classification; (N,) or (N, M) floats of
+      the same shape as `base_outputs` for regression.
+    base_outputs: (N, C) logits z_i, or regression outputs f(x_i).
+    task: "classification" or "regression".
+    temperature: T > 0 (classification only).
+
+  Returns:
+    float32 residuals shaped like `base_outputs`.
+
+  Raises:
+    TypeError: wrong dtypes (integer labels, floating outputs/targets).
+    ValueError: bad shapes, non-finite values, labels outside [0, C), T <= 0.
+
+  Example:
+    >>> rm.residuals(jnp.array([1]), jnp.zeros((1, 2)))
+    Array([[-0.5,  0.5]], dtype=float32)
+
+  References:
+    Yang et al., "ResMem: Learn what you can and memorize the rest", NeurIPS 2023, eq. (2).
+  """
+  targets, base_outputs, temperature = _check_targets_outputs(
+      targets, base_outputs, task=task, temperature=temperature, n=None)
+  return residuals_unchecked(jnp.asarray(targets), jnp.asarray(base_outputs), task=task,
+                             temperature=temperature)
+
+
+def build_memory(embeddings: Float[Array, "N D"],
+                 targets: Int[Array, "N"] | Float[Array, "N ..."],
+                 base_outputs: Float[Array, "N ..."], *, task: str = "classification",
+                 temperature: float = 1.0, fingerprint: str | None = None) -> Memory:
+  r"""The ResMem memory of a training set: keys phi(x_i) and residuals r_i.
+
+    classification:  r_i = onehot(y_i) - softmax(z(x_i) / T)
+    regression:      r_i = y_i - f(x_i)
+
+  Arrays keep their placement: embeddings given as a row-sharded `jax.Array` give a
+  row-sharded memory (or place one later with `rm.shard_memory`).
+
+  Args:
+    embeddings: (N, D) floating, the base model's penultimate features of the
+      training points, N >= 1.
+    targets: (N,) int labels in [0, C) (classification); (N,) or (N, M) floats
+      (regression).
+    base_outputs: (N, C) logits (classification); regression outputs with the shape of
+      `targets`.
+    task: "classification" or "regression".
+    temperature: T > 0 of the classification residuals (stored; unused for
+      regression).
+    fingerprint: optional string identifying the base model (`model_fingerprint(params)`),
+      stored and checked later by `predict` / `load_memory` when they are given one.
+
+  Returns:
+    A `Memory`.
+
+  Raises:
+    TypeError: wrong dtypes.
+    ValueError: empty or mismatched inputs, non-finite values, labels outside [0, C),
+      T <= 0, unknown task.
+
+  Example:
+    >>> mem = rm.build_memory(emb, labels, logits, task="classification", temperature=1.0)
+    >>> scores = rm.predict(mem, test_emb, test_logits, k=10, sigma=0.5)
+
+  References:
+    Yang et al., "ResMem: Learn what you can and memorize the rest", NeurIPS 2023.
+  """
+  embeddings = v.as_array("embeddings", embeddings)
+  v.check_floating("embeddings", embeddings)
+  v.check_ndim("embeddings", embeddings, (2,), "an (N, D) matrix")
+  n, dim = embeddings.shape
+  if n == 0:
+    raise ValueError(f"embeddings must hold at least one row (the memory would be empty), "
+                     f"got embeddings.shape={tuple(embeddings.shape)}")
+  if dim == 0:
+    raise ValueError(f"embeddings must have D >= 1 features, got "
+                     f"embeddings.shape={tuple(embeddings.shape)}")
+  v.check_finite("embeddings", embeddings)
+  targets, base_outputs, temperature = _check_targets_outputs(
+      targets, base_outputs, task=task, temperature=temperature, n=n)
+  if fingerprint is not None and not isinstance(fingerprint, str):
+    raise TypeError(f"fingerprint must be a str (see rm.model_fingerprint), got "
+                    f"fingerprint={fingerprint!r}")
+
+  output_shape = tuple(base_outputs.shape[1:])
+  keys = jnp.asarray(embeddings)
+  targets = jnp.asarray(targets)
+  outputs = jnp.asarray(base_outputs).astype(jnp.float32)
+  if task == "classification":
+    targets = targets.astype(jnp.int32)
+  else:
+    # Regression rows are stored as (N, M) so every task aggregates (N, C) rows.
+    targets = targets.astype(jnp.float32).reshape(n, -1)
+    outputs = outputs.reshape(n, -1)
+  meta = MemoryMeta(task=task, temperature=temperature, dim=int(dim),
+                    n_outputs=int(outputs.shape[1]), output_shape=output_shape,
+                    dtype=str(keys.dtype), fingerprint=fingerprint)
+  res = _residuals_jit(targets, outputs, task=task, temperature=temperature)
+  return Memory(keys=keys, residuals=res, outputs=outputs, targets=targets, meta=meta)
+
+
+@functools.partial(jax.jit, static_argnames=("task", "temperature"))
+def _residuals_jit(targets, outputs, *, task, temperature):
+  return residuals_unchecked(targets, outputs, task=task, temperature=temperature)
+
+
+def shard_memory(mem: Memory, mesh: jax.sharding.Mesh,
+                 axis: str | tuple[str, ...] = "data") -> Memory:
+  """Places the memory's rows over the devices of `mesh` axis (or axes) `axis`.
+
+  Keys, residuals, outputs and targets are split by rows with
+  `NamedSharding(mesh, P(axis, ...))`; `rm.knn` and `rm.predict` then search each
+  shard locally and merge the candidates (kernels/sharded.py), with the same result
+  as one device. On a TPU pod slice, call `jax.distributed.initialize()` on every host
+  first and use `mesh = jax.make_mesh((jax.device_count(),), ("data",))`.
+
+  Args:
+    mem: a `Memory`.
+    mesh: the device mesh, e.g. `jax.make_mesh((8,), ("data",))`.
+    axis: the mesh axis name (or a tuple of names) that splits the rows.
+
+  Returns:
+    The same memory, placed.
+
+  Raises:
+    ValueError: unknown axis, or N not a multiple of the number of shards.
+
+  Example:
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> mem = rm.shard_memory(rm.build_memory(emb, y, logits), mesh)
+  """
+  check_memory(mem)
+  axes = (axis,) if isinstance(axis, str) else tuple(axis)
+  for name in axes:
+    if name not in mesh.shape:
+      raise ValueError(f"axis must name axes of the mesh {tuple(mesh.shape)}, got axis={axis!r}")
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  if mem.size % shards:
+    raise ValueError(f"the memory's N={mem.size} rows must split evenly over the {shards} "
+                     f"devices of mesh axis {axis!r}; pad or trim it to a multiple of {shards}")
+
+  def put(x):
+    spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+  return mem._replace(keys=put(mem.keys), residuals=put(mem.residuals),
+                      outputs=put(mem.outputs), targets=put(mem.targets))
+
+
+def model_fingerprint(params: Any) -> str:
+  """A short hash of a parameter pytree (structure, shapes, dtypes and values).
+
+  Store it with `build_memory(..., fingerprint=...)`; `predict` and `load_memory`
+  compare it with the one they are given, so a memory is not used with residuals of
+  another base model by mistake.
+
+  Example:
+    >>> fp = rm.model_fingerprint(state.params)
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  digest = hashlib.sha256(str(treedef).encode())
+  for leaf in leaves:
+    arr = np.asarray(leaf)
+    digest.update(f"{arr.shape}{arr.dtype}".encode())
+    digest.update(np.ascontiguousarray(arr).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def check_memory(mem: Any, *, task: str | None = None,
+                 fingerprint: str | None = None) -> Memory:
+  """Raises unless `mem` is a Memory (of `task`, with `fingerprint`, when given)."""
+  if not isinstance(mem, Memory):
+    raise TypeError(f"mem must be a rm.Memory (from rm.build_memory or rm.load_memory), "
+                    f"got {type(mem).__name__}")
+  if task is not None:
+    v.check_choice("task", task, TASKS)
+    if task != mem.meta.task:
+      raise ValueError(f"mem was built for task={mem.meta.task!r}, got task={task!r}")
+  if fingerprint is not None and fingerprint != mem.meta.fingerprint:
+    raise ValueError(f"mem was built from a base model with fingerprint="
+                     f"{mem.meta.fingerprint!r}, got fingerprint={fingerprint!r}")
+  return mem
+
+
+def check_queries(mem: Memory, embeddings, base_outputs, *, emb_name: str = "embeddings",
+                  out_name: str = "base_outputs"):
+  """Host checks that queries and their base outputs fit the memory; returns arrays."""
+  embeddings = v.as_array(emb_name, embeddings)
+  base_outputs = v.as_array(out_name, base_outputs)
+  v.check_floating(emb_name, embeddings)
+  v.check_floating(out_name, base_outputs)
+  v.check_ndim(emb_name, embeddings, (2,), "a (Q, D) matrix")
+  if embeddings.shape[1] != mem.meta.dim:
+    raise ValueError(f"{emb_name} must have the memory's dimension D={mem.meta.dim}, got "
+                     f"{emb_name}.shape={tuple(embeddings.shape)}")
+  expected = (embeddings.shape[0],) + mem.meta.output_shape
+  if tuple(base_outputs.shape) != expected:
+    what = ("C=%d classes" % mem.meta.n_outputs if mem.meta.task == "classification"
+            else f"per-example shape {mem.meta.output_shape}")
+    raise ValueError(f"{out_name} must be shaped {expected} (one row per query, {what} "
+                     f"as in the memory), got {out_name}.shape={tuple(base_outputs.shape)}")
+  v.check_finite(emb_name, embeddings)
+  v.check_finite(out_name, base_outputs)
+  return embeddings, base_outputs
+
+
+def check_temperature(name: str, temperature) -> float:
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
+    raise TypeError(f"{name} must be a float, got {name}={temperature!r}")
+  v.check_positive(name, temperature)
+  return float(temperature)
+
+
+def _check_targets_outputs(targets, base_outputs, *, task, temperature, n,
+                           targets_name="targets", outputs_name="base_outputs"):
+  v.check_choice("task", task, TASKS)
+  temperature = check_temperature("temperature", temperature)
+  targets = v.as_array(targets_name, targets)
+  base_outputs = v.as_array(outputs_name, base_outputs)
+  v.check_floating(outputs_name, base_outputs)
+  if task == "classification":
+    v.check_integer(targets_name, targets)
+    v.check_ndim(targets_name, targets, (1,), "an (N,) vector of int labels")
+    v.check_ndim(outputs_name, base_outputs, (2,), "an (N, C) matrix of logits")
+    if base_outputs.shape[1] == 0:
+      raise ValueError(f"{outputs_name} must have C >= 1 classes, got "
+                       f"{outputs_name}.shape={tuple(base_outputs.shape)}")
+  else:
+    v.check_floating(targets_name, targets)
+    v.check_ndim(targets_name, targets, (1, 2), "an (N,) or (N, M) array")
+    if tuple(base_outputs.shape) != tuple(targets.shape):
+      raise ValueError(f"{outputs_name} must have the shape of {targets_name}, got "
+                       f"{outputs_name}.shape={tuple(base_outputs.shape)}, "
+                       f"{targets_name}.shape={tuple(targets.shape)}")
+  rows = targets.shape[0]
+  if base_outputs.shape[0] != rows or (n is not None and rows != n):
+    expect = f"N={n} rows like embeddings" if n is not None else "the same number of rows"
+    raise ValueError(f"{targets_name} and {outputs_name} must have {expect}, got "
+                     f"{targets_name}.shape={tuple(targets.shape)}, "
+                     f"{outputs_name}.shape={tuple(base_outputs.shape)}")
+  if task == "classification":
+    check_labels(targets_name, targets, base_outputs.shape[1])
+  else:
+    v.check_finite(targets_name, targets)
+  v.check_finite(outputs_name, base_outputs)
+  return targets, base_outputs, temperature
+
+
+def check_labels(name: str, labels, n_classes: int) -> None:
+  """Raises ValueError naming the first label outside [0, n_classes) (host-side)."""
+  if v.is_traced(labels) or labels.size == 0:
+    return
+  host = np.asarray(labels)
+  bad = np.flatnonzero((host < 0) | (host >= n_classes))
+  if bad.size:
+    raise ValueError(f"{name} must be labels in [0, C={n_classes}), got "
+                     f"{name}[{bad[0]}]={host[bad[0]]}")

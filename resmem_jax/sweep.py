@@ -1,0 +1,381 @@
+"""Tuning ResMem at the price of one search, with its baselines in the same harness.
+
+`sweep` finds the max(ks) nearest neighbours of every held-out point once, then
+scores every (k, sigma, T) from them: the k nearest of a point are the first k of its
+max(ks) nearest, the weights are a softmax over those k distances, and the residuals
+for a new temperature come from the logits stored in the memory, not from a new
+search. The same neighbours give the baselines:
+
+  deepnet:  the base model alone,    softmax(z / T)            | f(x)
+  knn:      soft kNN on embeddings,  sum_j w_j onehot(y_j)     | sum_j w_j y_j
+  knn_lm:   kNN-LM interpolation,    lam p_kNN + (1 - lam) softmax(z / T)
+  resmem:   softmax(z / T) + sum_j w_j r_j(T)                  | f(x) + sum_j w_j r_j
+
+with r_j(T) = onehot(y_j) - softmax(z_j / T) and w = softmax(-d / sigma) over the k
+nearest. Since sum_j w_j r_j(T) = p_kNN - sum_j w_j softmax(z_j / T), the label part
+is shared by every T, and a prefix of the neighbours is shared by every k: each
+(sigma, T) costs one pass over the (k_max, C) gathered rows of a query, whatever
+the number of k.
+
+Reference: Yang et al., "ResMem: Learn what you can and memorize the rest",
+NeurIPS 2023, section 5 (tuning on a validation split); Khandelwal et al.,
+"Generalization through Memorization: Nearest Neighbor Language Models", ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resmem_jax import _validation as v
+from resmem_jax.kernels import sharded
+from resmem_jax.memory import (Memory, build_memory, check_labels, check_memory,
+                               check_queries, check_temperature)
+from resmem_jax.predict import (DEFAULT_QUERY_CHUNK, check_k_exclude, check_sigma,
+                                search_chunks)
+
+HIGHEST = jax.lax.Precision.HIGHEST
+METHODS = ("resmem", "deepnet", "knn", "knn_lm")
+DEFAULT_LAMS = (0.1, 0.25, 0.5, 0.75, 0.9)
+# ResMem and interpolated scores are not probabilities (they can leave [0, 1]); the
+# log-loss reads the true class's score clipped to [LOG_LOSS_EPS, 1].
+LOG_LOSS_EPS = 1e-7
+# Bound on the floats of the per-batch intermediates of the scoring loop (the gathered
+# (batch, k_max, 1 + T, C) rows and the (batch, S, n_k, T, L, C) kNN-LM scores).
+GRID_BUDGET = 1 << 22
+
+
+class SweepResult(NamedTuple):
+  """Every setting of every method on the held-out data, and the best of each.
+
+  Attributes:
+    table: one dict per (method, setting), with keys "method", "k", "sigma",
+      "temperature", "lam" (None where a method has no such knob) and the metrics:
+      "accuracy" and "log_loss" (classification) or "mse" (regression).
+    best: method -> its best row: highest accuracy (ties: lowest log-loss, then the
+      first in the table) or lowest mse.
+    metric: "accuracy" (higher is better) or "mse" (lower is better).
+    n_queries: number of held-out points scored.
+  """
+
+  table: tuple[dict, ...]
+  best: dict[str, dict]
+  metric: str
+  n_queries: int
+
+  def format(self, *, methods: Sequence[str] = METHODS, top: int | None = None) -> str:
+    """A plain-text table, best first within each method."""
+    cols = ["method", "k", "sigma", "temperature", "lam"]
+    cols += ["accuracy", "log_loss"] if self.metric == "accuracy" else ["mse"]
+    lines = ["  ".join(f"{c:>11}" for c in cols)]
+    for method in methods:
+      rows = sorted((r for r in self.table if r["method"] == method), key=_rank_key)
+      for row in rows[:top]:
+        lines.append("  ".join(f"{_fmt(row[c]):>11}" for c in cols))
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+  if x is None:
+    return "-"
+  if isinstance(x, float):
+    return f"{x:.4g}"
+  return str(x)
+
+
+def _rank_key(row: dict):
+  if "accuracy" in row:
+    return (-row["accuracy"], row["log_loss"])
+  return (row["mse"],)
+
+
+def _check_grid(name: str, values, check) -> tuple:
+  if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+    raise ValueError(f"{name} must be a non-empty sequence, got {name}={values!r}")
+  out = tuple(check(f"{name}[{i}]", x) for i, x in enumerate(values))
+  if len(set(out)) != len(out):
+    raise ValueError(f"{name} must not repeat a value, got {name}={values!r}")
+  return out
+
+
+def _check_lam(name: str, lam) -> float:
+  if isinstance(lam, bool) or not isinstance(lam, (int, float, np.number)):
+    raise TypeError(f"{name} must be a float, got {name}={lam!r}")
+  if not 0.0 <= float(lam) <= 1.0:
+    raise ValueError(f"{name} must lie in [0, 1], got {name}={lam!r}")
+  return float(lam)
+
+
+def _prefix_weights(dist, sigmas, ks):
+  """(S, n_k, K) weights: softmax(-d / sigma) over the first k of the K sorted neighbours.
+
+  Max-subtracted like `neighbour_weights`: the nearest neighbour's exponent is 0, so
+  every row has a positive normalizer for any finite distances and sigma > 0.
+  """
+  shifted = dist - jnp.min(dist)
+  e = jnp.exp(-shifted[None, :] / sigmas[:, None])  # (S, K)
+  prefix = (jnp.arange(dist.shape[0])[None, :] < jnp.asarray(ks)[:, None])  # (n_k, K)
+  e = jnp.where(prefix[None], e[:, None, :], 0.0)
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _correct_and_log_loss(scores, label):
+  """Accuracy and clipped log-loss of (..., C) scores for one true label.
+
+  argmax(scores) == label (first maximum on ties) holds iff no earlier class reaches
+  the label's score and no later class exceeds it: a plain compare-and-reduce, much
+  cheaper on CPU than a variadic argmax over the large grid of settings.
+  """
+  p_true = scores[..., label]
+  classes = jnp.arange(scores.shape[-1]).reshape((1,) * (scores.ndim - 1) + (-1,))
+  # The label's own column is excluded rather than compared with itself: XLA may
+  # recompute `scores` inside fusions with different rounding (e.g. an FMA).
+  beats = jnp.where(classes < label, scores >= p_true[..., None], scores > p_true[..., None])
+  beats = beats & (classes != label)
+  correct = 1.0 - jnp.max(beats, axis=-1).astype(jnp.float32)
+  return correct, -jnp.log(jnp.clip(p_true, LOG_LOSS_EPS, 1.0))
+
+
+def _classification_scores(dist, idx, zq, yq, mem_logits, mem_labels, sigmas, lams, *,
+                           ks, temperatures):
+  """One query's (correct, log-loss) for every method and setting.
+
+  Shapes: knn (S, n_k), resmem (S, n_k, T), knn_lm (S, n_k, T, L), deepnet (T,).
+  """
+  n_classes = zq.shape[-1]
+  temps = jnp.asarray(temperatures, jnp.float32)
+  weights = _prefix_weights(dist, sigmas, ks)  # (S, n_k, K)
+  onehot = jax.nn.one_hot(mem_labels[idx], n_classes, dtype=jnp.float32)  # (K, C)
+  neigh = jax.nn.softmax(mem_logits[idx][None] / temps[:, None, None], axis=-1)  # (T, K, C)
+  rows = jnp.concatenate([onehot[None], neigh]).transpose(1, 0, 2)  # (K, 1 + T, C)
+  # One matmul gives every prefix average of the labels and of the neighbours'
+  # softmaxes; sum_j w_j r_j(T) = p_knn - sum_j w_j softmax(z_j / T).
+  avg = jnp.einsum("snk,ktc->sntc", weights, rows, precision=HIGHEST)
+  p_knn, neigh_avg = avg[:, :, 0], avg[:, :, 1:]  # (S, n_k, C), (S, n_k, T, C)
+  base = jax.nn.softmax(zq[None] / temps[:, None], axis=-1)  # (T, C)
+  resmem = base[None, None] + p_knn[:, :, None] - neigh_avg
+  lam = lams.reshape(1, 1, 1, -1, 1)
+  knn_lm = lam * p_knn[:, :, None, None] + (1.0 - lam) * base[None, None, :, None]  # (S, n_k, T, L, C)
+  return {"knn": _correct_and_log_loss(p_knn, yq),
+          "resmem": _correct_and_log_loss(resmem, yq),
+          "knn_lm": _correct_and_log_loss(knn_lm, yq),
+          "deepnet": _correct_and_log_loss(base, yq)}
+
+
+def _regression_scores(dist, idx, fq, yq, mem_outputs, mem_targets, sigmas, lams, *, ks):
+  """One query's squared errors (mean over outputs) for every method and setting.
+
+  Shapes: knn (S, n_k), resmem (S, n_k, 1), knn_lm (S, n_k, 1, L), deepnet (1,): the
+  unit axis stands for the temperature, which regression does not have.
+  """
+  weights = _prefix_weights(dist, sigmas, ks)
+  rows = jnp.stack([mem_targets[idx], mem_outputs[idx]], axis=1)  # (K, 2, M)
+  avg = jnp.einsum("snk,ktm->sntm", weights, rows, precision=HIGHEST)
+  knn_pred, out_avg = avg[:, :, 0], avg[:, :, 1]  # (S, n_k, M)
+  resmem = fq[None, None] + knn_pred - out_avg
+  lam = lams.reshape(1, 1, -1, 1)
+  knn_lm = lam * knn_pred[:, :, None] + (1.0 - lam) * fq[None, None, None]  # (S, n_k, L, M)
+
+  def sq_err(pred):
+    return jnp.mean(jnp.square(pred - yq.reshape((1,) * (pred.ndim - 1) + (-1,))), axis=-1)
+
+  return {"knn": sq_err(knn_pred), "resmem": sq_err(resmem)[:, :, None],
+          "knn_lm": sq_err(knn_lm)[:, :, None], "deepnet": sq_err(fq)[None]}
+
+
+@functools.partial(jax.jit, static_argnames=("task", "ks", "temperatures", "batch",
+                                             "placement"))
+def _grid_sums(dist, idx, q_outputs, q_targets, valid, mem_outputs, mem_targets, sigmas,
+               lams, *, task, ks, temperatures, batch, placement):
+  """Sums over the valid queries of one chunk of every per-query metric."""
+  if task == "classification":
+    fn = functools.partial(_classification_scores, ks=ks, temperatures=temperatures)
+  else:
+    fn = functools.partial(_regression_scores, ks=ks)
+  if placement is None:
+    per_query = jax.lax.map(
+        lambda a: fn(*a, mem_outputs, mem_targets, sigmas, lams),
+        (dist, idx, q_outputs, q_targets), batch_size=batch)
+  else:
+    # Row-sharded memory: fetch the chunk's neighbour rows from their owners once,
+    # then score against them as if they were a memory of k_max rows per query.
+    neigh_out = sharded.gather_rows(mem_outputs, idx, placement=placement)
+    neigh_tgt = sharded.gather_rows(mem_targets, idx, placement=placement)
+    local_idx = jnp.broadcast_to(jnp.arange(idx.shape[1], dtype=idx.dtype), idx.shape)
+    per_query = jax.lax.map(
+        lambda a: fn(*a[:4], a[4], a[5], sigmas, lams),
+        (dist, local_idx, q_outputs, q_targets, neigh_out, neigh_tgt), batch_size=batch)
+  mask = valid.astype(jnp.float32)
+  return jax.tree.map(lambda x: jnp.tensordot(mask, x, axes=1), per_query)
+
+
+def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
+          ks: Sequence[int], sigmas: Sequence[float],
+          temperatures: Sequence[float] | None = None,
+          lams: Sequence[float] = DEFAULT_LAMS, exclude=None, task: str | None = None,
+          implementation: str | None = None,
+          query_chunk: int = DEFAULT_QUERY_CHUNK) -> SweepResult:
+  r"""Scores every (k, sigma, T) of ResMem and its baselines from one kNN search.
+
+  The held-out points' max(ks) nearest memory points are found once; every setting
+  reuses them (the k nearest are a prefix), and the residuals at a temperature T are
+  recomputed from the memory's stored logits, r_j(T) = onehot(y_j) - softmax(z_j / T).
+
+    resmem:  softmax(z / T) + sum_{j<k} w_j r_j(T)        w = softmax(-d_{<k} / sigma)
+    deepnet: softmax(z / T)
+    knn:     sum_{j<k} w_j onehot(y_j)
+    knn_lm:  lam * knn + (1 - lam) * softmax(z / T)
+
+  (regression: f(x) in place of softmax(z / T), y_j in place of onehot(y_j), no T.)
+  Metrics: accuracy of the argmax and log-loss -log(clip(p_y, 1e-7, 1)) (the clip
+  because ResMem and kNN scores can leave [0, 1]); mean squared error for regression.
+
+  Args:
+    mem_or_parts: a `Memory`, or the (embeddings, targets, base_outputs) of the
+      training set to build one from (with `task`).
+    embeddings: (Q, D) held-out embeddings (a validation split, never the test split).
+    base_outputs: (Q, C) held-out logits, or regression outputs.
+    targets: (Q,) int labels, or regression targets shaped like `base_outputs`.
+    ks: neighbour counts to try, each in [1, N] (N - 1 with `exclude`), no repeats.
+    sigmas: bandwidths > 0.
+    temperatures: T > 0 to try (classification); None uses the memory's T. Must be
+      None for regression.
+    lams: kNN-LM interpolation weights in [0, 1].
+    exclude: optional (Q,) memory indices each query must not use (leave-one-out
+      tuning on the training set itself).
+    task: with parts, the task to build ("classification" if None); with a memory,
+      checked against it when given.
+    implementation: kNN implementation (see `rm.knn`).
+    query_chunk: held-out points per search call.
+
+  Returns:
+    A `SweepResult`; `result.best["resmem"]` holds the chosen k, sigma, temperature.
+
+  Raises:
+    TypeError / ValueError: as `predict` for the inputs, plus empty, repeated or
+      out-of-range grid values and labels outside [0, C).
+
+  Example:
+    >>> res = rm.sweep(mem, val_emb, val_logits, val_labels, ks=(1, 5, 10, 20, 50),
+    ...                sigmas=(0.1, 0.3, 1.0, 3.0), temperatures=(0.5, 1.0, 2.0))
+    >>> best = res.best["resmem"]
+    >>> scores = rm.predict(rm.build_memory(emb, y, z, temperature=best["temperature"]),
+    ...                     test_emb, test_logits, k=best["k"], sigma=best["sigma"])
+
+  References:
+    Yang et al., "ResMem: Learn what you can and memorize the rest", NeurIPS 2023.
+  """
+  if isinstance(mem_or_parts, Memory):
+    mem = check_memory(mem_or_parts, task=task)
+  elif isinstance(mem_or_parts, (tuple, list)) and len(mem_or_parts) == 3:
+    mem = build_memory(*mem_or_parts, task=task or "classification")
+  else:
+    raise TypeError(f"mem_or_parts must be a rm.Memory or an (embeddings, targets, "
+                    f"base_outputs) tuple, got {type(mem_or_parts).__name__}")
+  meta = mem.meta
+  embeddings, base_outputs = check_queries(mem, embeddings, base_outputs)
+  n_q = embeddings.shape[0]
+  if n_q == 0:
+    raise ValueError(f"embeddings must hold at least one held-out point, got "
+                     f"embeddings.shape={tuple(embeddings.shape)}")
+  targets = _check_query_targets(mem, targets, base_outputs)
+  ks = tuple(sorted(_check_grid("ks", ks, lambda name, k: check_k_exclude(
+      mem, n_q, k, exclude, k_name=name)[0])))
+  _, exclude = check_k_exclude(mem, n_q, ks[-1], exclude)
+  sigmas = _check_grid("sigmas", sigmas, check_sigma)
+  lams = _check_grid("lams", lams, _check_lam)
+  if meta.task == "regression":
+    if temperatures is not None:
+      raise ValueError(f"temperatures apply to classification only; the memory is for "
+                       f"regression, got temperatures={temperatures!r}")
+    temperatures = (None,)
+  elif temperatures is None:
+    temperatures = (meta.temperature,)
+  else:
+    temperatures = _check_grid("temperatures", temperatures, check_temperature)
+  query_chunk = v.check_int("query_chunk", query_chunk, low=1)
+
+  k_max = ks[-1]
+  n_out = meta.n_outputs
+  n_t, per_setting = len(temperatures), len(sigmas) * len(ks) * n_out
+  per_query = max(k_max * (1 + n_t) * n_out, per_setting * n_t * (1 + len(lams)))
+  batch = int(max(8, min(256, GRID_BUDGET // per_query)))
+  outputs = base_outputs.reshape(n_q, n_out)
+  targets = targets if meta.task == "classification" else targets.reshape(n_q, n_out)
+  valid = np.ones(n_q, bool)
+  sigma_arr = jnp.asarray(sigmas, jnp.float32)
+  lam_arr = jnp.asarray(lams, jnp.float32)
+  totals = None
+  for _, res, (q_out, q_y, q_valid) in search_chunks(
+      mem, embeddings, k_max, exclude, implementation=implementation,
+      query_chunk=query_chunk, extra=(outputs, targets, valid)):
+    sums = _grid_sums(res.distances, res.indices, q_out, q_y, q_valid, mem.outputs,
+                      mem.targets, sigma_arr, lam_arr, task=meta.task, ks=ks,
+                      temperatures=None if meta.task == "regression" else temperatures,
+                      batch=batch, placement=sharded.placement(mem.outputs))
+    sums = jax.tree.map(lambda x: np.asarray(x, np.float64), sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  means = jax.tree.map(lambda x: x / n_q, totals)
+  table = _table(means, meta.task, ks=ks, sigmas=sigmas, temperatures=temperatures,
+                 lams=lams)
+  best = {m: min((r for r in table if r["method"] == m), key=_rank_key) for m in METHODS}
+  return SweepResult(table=tuple(table), best=best,
+                     metric="accuracy" if meta.task == "classification" else "mse",
+                     n_queries=n_q)
+
+
+def _check_query_targets(mem: Memory, targets, base_outputs):
+  targets = v.as_array("targets", targets)
+  if mem.meta.task == "classification":
+    v.check_integer("targets", targets)
+    if tuple(targets.shape) != (base_outputs.shape[0],):
+      raise ValueError(f"targets must be a (Q,) = ({base_outputs.shape[0]},) vector of "
+                       f"labels, got targets.shape={tuple(targets.shape)}")
+    check_labels("targets", targets, mem.meta.n_outputs)
+  else:
+    v.check_floating("targets", targets)
+    if tuple(targets.shape) != tuple(base_outputs.shape):
+      raise ValueError(f"targets must have the shape of base_outputs "
+                       f"{tuple(base_outputs.shape)}, got targets.shape={tuple(targets.shape)}")
+    v.check_finite("targets", targets)
+  return targets
+
+
+def _table(means: dict[str, Any], task: str, *, ks, sigmas, temperatures, lams) -> list[dict]:
+  """Rows from the metric arrays: resmem (S, k, T), deepnet (T,), knn (S, k), knn_lm (S, k, T, L)."""
+
+  def row(method, metric_values, **knobs):
+    r = {"method": method, "k": None, "sigma": None, "temperature": None, "lam": None}
+    r.update(knobs)
+    if task == "classification":
+      correct, log_loss = metric_values
+      r.update(accuracy=float(correct), log_loss=float(log_loss))
+    else:
+      r.update(mse=float(metric_values))
+    return r
+
+  def at(name, *index):
+    return jax.tree.map(lambda x: x[index], means[name])
+
+  rows = []
+  for t_i, t in enumerate(temperatures):
+    for s_i, s in enumerate(sigmas):
+      for k_i, k in enumerate(ks):
+        rows.append(row("resmem", at("resmem", s_i, k_i, t_i), k=k, sigma=s, temperature=t))
+  for t_i, t in enumerate(temperatures):
+    rows.append(row("deepnet", at("deepnet", t_i), temperature=t))
+  for s_i, s in enumerate(sigmas):
+    for k_i, k in enumerate(ks):
+      rows.append(row("knn", at("knn", s_i, k_i), k=k, sigma=s))
+  for t_i, t in enumerate(temperatures):
+    for l_i, lam in enumerate(lams):
+      for s_i, s in enumerate(sigmas):
+        for k_i, k in enumerate(ks):
+          rows.append(row("knn_lm", at("knn_lm", s_i, k_i, t_i, l_i), k=k, sigma=s,
+                          temperature=t, lam=lam))
+  return rows

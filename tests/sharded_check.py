@@ -1,0 +1,100 @@
+"""Sharded kNN and memory on 8 fake CPU devices must equal one device exactly.
+
+Run by tests/test_sharded.py in its own process: the device count is fixed when JAX
+starts, so XLA_FLAGS is set here before `import jax`. Exits non-zero on any mismatch.
+Usage: python tests/sharded_check.py [orbax_dir]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import resmem_jax as rm  # noqa: E402
+
+
+def same(a, b, what):
+  a, b = np.asarray(a), np.asarray(b)
+  if a.shape != b.shape or not np.array_equal(a, b):
+    diff = np.argwhere(a != b) if a.shape == b.shape else a.shape
+    raise AssertionError(f"{what}: sharded differs from one device at {diff[:5]}")
+
+
+def check_knn(mesh, spec, keys, queries, k, metric, implementation, what):
+  single = rm.knn(queries, keys, k, metric=metric, implementation=implementation)
+  placed = jax.device_put(keys, NamedSharding(mesh, spec))
+  res = rm.knn(queries, placed, k, metric=metric, implementation=implementation)
+  same(res.indices, single.indices, f"{what} indices")
+  same(res.distances, single.distances, f"{what} distances")
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  rng = np.random.default_rng(0)
+  mesh = jax.make_mesh((8,), ("data",))
+  mesh2 = jax.make_mesh((4, 2), ("data", "model"))
+  keys = rng.normal(size=(512, 16)).astype(np.float32)
+  queries = rng.normal(size=(37, 16)).astype(np.float32)
+  # Exact ties across shards: duplicates of row 3 in shards 2, 5 and 7 (64 rows each).
+  keys[[150, 330, 460]] = keys[3]
+  queries[5] = keys[3]
+  offset = keys + 1e4  # far from the origin: needs the global-mean centring
+
+  for implementation in ("reference", "xla"):
+    # 100 > 64 rows per shard: every local row is a candidate.
+    for k, metric in ((1, "l2"), (10, "ip"), (64, "l2"), (100, "l2"), (100, "ip")):
+      check_knn(mesh, P("data", None), keys, queries, k, metric, implementation,
+                f"knn {implementation} k={k} {metric}")
+    check_knn(mesh, P("data", None), offset, offset[:20] + 0.1, 5, "l2", implementation,
+              f"offset {implementation}")
+  check_knn(mesh2, P("data", None), keys, queries, 7, "l2", "xla", "2-D mesh, rows on 'data'")
+  check_knn(mesh2, P(("data", "model"), None), keys, queries, 7, "l2", "xla",
+            "2-D mesh, rows on ('data', 'model')")
+  tied = rm.knn(queries[5:6], jax.device_put(keys, NamedSharding(mesh, P("data", None))), 4)
+  same(tied.indices, [[3, 150, 330, 460]], "ties order by global index")
+
+  # The sharded result is replicated over the mesh.
+  res = rm.knn(queries, jax.device_put(keys, NamedSharding(mesh, P("data", None))), 3)
+  assert res.indices.sharding.is_fully_replicated, res.indices.sharding
+
+  # A row-sharded memory predicts (and leaves one out) exactly like one device.
+  labels = rng.integers(0, 5, 512)
+  logits = rng.normal(size=(512, 5)).astype(np.float32)
+  q_logits = rng.normal(size=(37, 5)).astype(np.float32)
+  mem = rm.build_memory(keys, labels, logits, task="classification", temperature=1.5)
+  placed = rm.shard_memory(mem, mesh)
+  assert placed.residuals.sharding.spec[0] == "data"
+  for kwargs in (dict(k=9, sigma=0.5), dict(k=9, sigma=0.5, exclude=np.arange(37))):
+    np.testing.assert_allclose(rm.predict(placed, queries, q_logits, **kwargs),
+                               rm.predict(mem, queries, q_logits, **kwargs), rtol=0, atol=1e-6)
+  got = rm.sweep(placed, queries, q_logits, labels[:37], ks=(1, 4), sigmas=(0.5,))
+  want = rm.sweep(mem, queries, q_logits, labels[:37], ks=(1, 4), sigmas=(0.5,))
+  assert got.table == want.table, (got.table, want.table)
+  try:
+    rm.shard_memory(rm.build_memory(keys[:500], labels[:500], logits[:500]), mesh)
+  except ValueError as e:
+    assert "N=500" in str(e), e
+  else:
+    raise AssertionError("an uneven memory must not shard")
+
+  if len(sys.argv) > 1:  # Orbax round trip straight into the sharded layout.
+    path = os.path.join(sys.argv[1], "memory")
+    rm.save_memory(path, mem)
+    loaded = rm.load_memory(path, sharding=NamedSharding(mesh, P("data")))
+    assert loaded.keys.sharding.spec[0] == "data", loaded.keys.sharding
+    assert loaded.meta == mem.meta
+    same(loaded.keys, mem.keys, "loaded keys")
+    np.testing.assert_allclose(rm.predict(loaded, queries, q_logits, k=9, sigma=0.5),
+                               rm.predict(mem, queries, q_logits, k=9, sigma=0.5), atol=1e-7)
+  print("SHARDED OK")
+
+
+if __name__ == "__main__":
+  main()

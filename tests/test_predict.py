@@ -1,0 +1,208 @@
+"""`predict` against a float64 NumPy ResMem, and its invariants and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import resmem_jax as rm
+from resmem_jax.predict import _combine
+
+
+def _softmax64(z, t):
+  z = np.asarray(z, np.float64) / t
+  e = np.exp(z - z.max(axis=1, keepdims=True))
+  return e / e.sum(axis=1, keepdims=True)
+
+
+def resmem_numpy(keys, res, queries, base, k, sigma, exclude=None):
+  """float64 brute force: (distance, index) order, excluded points removed."""
+  keys, queries = np.asarray(keys, np.float64), np.asarray(queries, np.float64)
+  d = np.sqrt(((queries[:, None, :] - keys[None, :, :]) ** 2).sum(-1))
+  if exclude is not None:
+    d[np.arange(len(queries)), exclude] = np.inf
+  idx = np.stack([np.lexsort((np.arange(len(keys)), row))[:k] for row in d])
+  dk = np.take_along_axis(d, idx, axis=1)
+  w = np.exp(-(dk - dk[:, :1]) / sigma)
+  w /= w.sum(axis=1, keepdims=True)
+  return base + np.einsum("qk,qkc->qc", w, np.asarray(res, np.float64)[idx]), idx, w
+
+
+def _classification(n=300, q=50, d=8, c=6, t=1.5, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  y = rng.integers(0, c, n)
+  z = (2 * rng.normal(size=(n, c))).astype(np.float32)
+  xq = rng.normal(size=(q, d)).astype(np.float32)
+  zq = (2 * rng.normal(size=(q, c))).astype(np.float32)
+  return rm.build_memory(x, y, z, task="classification", temperature=t), x, y, z, xq, zq
+
+
+@pytest.mark.parametrize("k,sigma", [(1, 1.0), (7, 0.3), (20, 5.0)])
+def test_classification_matches_numpy(k, sigma):
+  mem, x, y, z, xq, zq = _classification()
+  res64 = np.eye(6)[y] - _softmax64(z, 1.5)
+  want, _, _ = resmem_numpy(x, res64, xq, _softmax64(zq, 1.5), k, sigma)
+  got = rm.predict(mem, xq, zq, k=k, sigma=sigma)
+  assert got.shape == (50, 6)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(got).sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_regression_matches_numpy(shape):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(200, 5)).astype(np.float32)
+  y, f = rng.normal(size=(2, 200) + shape).astype(np.float32)
+  xq = rng.normal(size=(33, 5)).astype(np.float32)
+  fq = rng.normal(size=(33,) + shape).astype(np.float32)
+  mem = rm.build_memory(x, y, f, task="regression")
+  res = (y.astype(np.float64) - f).reshape(200, -1)
+  want, _, _ = resmem_numpy(x, res, xq, fq.reshape(33, -1), 9, 0.7)
+  got = rm.predict(mem, xq, fq, k=9, sigma=0.7)
+  assert got.shape == fq.shape
+  np.testing.assert_allclose(np.asarray(got).reshape(33, -1), want, atol=2e-6)
+
+
+def test_weights_are_a_stable_distribution():
+  rng = np.random.default_rng(4)
+  d = np.sort(rng.uniform(0, 1e6, size=(20, 10)), axis=1).astype(np.float32)
+  for sigma in (1e-6, 1e-2, 1.0, 1e8):
+    w = np.asarray(rm.neighbour_weights(d, sigma=sigma))
+    assert np.all(np.isfinite(w)) and np.all(w >= 0)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)
+  # sigma -> 0: all weight on the nearest; huge distances do not underflow the row.
+  w = np.asarray(rm.neighbour_weights(np.array([[1e30, 2e30, 3e30]], np.float32), sigma=1e-3))
+  np.testing.assert_array_equal(w, [[1.0, 0.0, 0.0]])
+  d64 = d[:3].astype(np.float64)
+  want = np.exp(-(d64 - d64[:, :1]) / 3e5)
+  np.testing.assert_allclose(rm.neighbour_weights(d[:3], sigma=3e5),
+                             want / want.sum(1, keepdims=True), rtol=1e-5)
+
+
+def test_memory_permutation_does_not_change_predictions():
+  mem, x, y, z, xq, zq = _classification()
+  perm = np.random.default_rng(5).permutation(len(x))
+  shuffled = rm.build_memory(x[perm], y[perm], z[perm], task="classification", temperature=1.5)
+  np.testing.assert_allclose(rm.predict(shuffled, xq, zq, k=10, sigma=0.5),
+                             rm.predict(mem, xq, zq, k=10, sigma=0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_k1_memorizes_training_labels(temperature):
+  mem, x, y, z, _, _ = _classification(t=temperature)
+  got = np.asarray(rm.predict(mem, x, z, k=1, sigma=1.0))
+  np.testing.assert_array_equal(got.argmax(axis=1), y)
+  np.testing.assert_allclose(got, np.eye(6)[y], atol=1e-6)
+  rng = np.random.default_rng(6)
+  yr, fr = rng.normal(size=(2, len(x))).astype(np.float32)
+  reg = rm.build_memory(x, yr, fr, task="regression")
+  np.testing.assert_allclose(rm.predict(reg, x, fr, k=1, sigma=1.0), yr, atol=1e-6)
+
+
+def test_leave_one_out_equals_search_without_the_point():
+  rng = np.random.default_rng(7)
+  n, c, k = 40, 3, 5
+  x = rng.normal(size=(n, 4)).astype(np.float32)
+  # Exact duplicates and a point equidistant to several others: ties must resolve by
+  # index exactly as a search on the reduced memory would.
+  x[6] = x[5]
+  x[12] = x[5]
+  y = rng.integers(0, c, n)
+  z = rng.normal(size=(n, c)).astype(np.float32)
+  mem = rm.build_memory(x, y, z, task="classification", temperature=1.0)
+  loo = np.asarray(rm.predict(mem, x, z, k=k, sigma=0.4, exclude=np.arange(n)))
+  for i in range(n):
+    keep = np.arange(n) != i
+    reduced = rm.build_memory(x[keep], y[keep], z[keep], task="classification", temperature=1.0)
+    want = rm.predict(reduced, x[i:i + 1], z[i:i + 1], k=k, sigma=0.4)
+    np.testing.assert_allclose(loo[i:i + 1], want, atol=1e-6, err_msg=f"query {i}")
+  # Excluding a point that is not among the k + 1 nearest drops the last one instead.
+  far = np.argmax(((x - x[0]) ** 2).sum(1))
+  np.testing.assert_allclose(
+      rm.predict(mem, x[:1], z[:1], k=k, sigma=0.4, exclude=np.array([far])),
+      rm.predict(mem, x[:1], z[:1], k=k, sigma=0.4), atol=1e-7)
+
+
+def test_drop_excluded_matches_numpy_order():
+  mem, x, y, z, _, _ = _classification(n=60)
+  res = rm.knn(x, mem.keys, 8)
+  exclude = np.where(np.arange(60) % 2 == 0, np.arange(60), 0)
+  kept = rm.drop_excluded(res.distances, res.indices, exclude)
+  _, want_idx, _ = resmem_numpy(x, np.zeros((60, 1)), x, np.zeros((60, 1)), 7, 1.0, exclude)
+  np.testing.assert_array_equal(kept.indices, want_idx)
+
+
+def test_batch_sizes_inside_a_bucket_and_new_sigma_do_not_recompile():
+  mem, _, _, _, xq, zq = _classification(q=120)
+  rm.predict(mem, xq[:100], zq[:100], k=4, sigma=1.0)
+  before = _combine._cache_size()
+  rm.predict(mem, xq[:110], zq[:110], k=4, sigma=0.2)  # 100 and 110 share the bucket 112
+  rm.predict(mem, xq[:97], zq[:97], k=4, sigma=7.0)
+  assert _combine._cache_size() == before
+
+
+def test_streamed_chunks_equal_one_search():
+  mem, _, _, _, xq, zq = _classification(q=50)
+  whole = rm.predict(mem, xq, zq, k=6, sigma=0.5)
+  np.testing.assert_allclose(rm.predict(mem, xq, zq, k=6, sigma=0.5, query_chunk=16), whole,
+                             atol=1e-7)
+  exclude = np.arange(50)
+  np.testing.assert_allclose(
+      rm.predict(mem, xq, zq, k=6, sigma=0.5, exclude=exclude, query_chunk=7),
+      rm.predict(mem, xq, zq, k=6, sigma=0.5, exclude=exclude), atol=1e-7)
+
+
+def test_empty_query_batch():
+  mem, _, _, _, xq, zq = _classification()
+  assert rm.predict(mem, xq[:0], zq[:0], k=3, sigma=1.0).shape == (0, 6)
+
+
+def _bad_predict_cases():
+  nan_q = np.zeros((4, 8), np.float32)
+  nan_q[1, 2] = np.nan
+  return [
+      (dict(mem="memory"), TypeError, "mem must be a rm.Memory"),
+      (dict(embeddings=np.zeros((4, 5), np.float32)), ValueError, "dimension D=8"),
+      (dict(embeddings=np.zeros((4, 8), np.int32)), TypeError, "embeddings.dtype=int32"),
+      (dict(embeddings=nan_q), ValueError, "embeddings[1, 2]=nan"),
+      (dict(base_outputs=np.zeros((4, 7), np.float32)), ValueError, "C=6 classes"),
+      (dict(base_outputs=np.zeros((3, 6), np.float32)), ValueError, "base_outputs.shape=(3, 6)"),
+      (dict(base_outputs=np.full((4, 6), np.inf, np.float32)), ValueError, "=inf"),
+      (dict(k=0), ValueError, "k=0"),
+      (dict(k=301), ValueError, "k=301"),
+      (dict(k=2.0), TypeError, "k=2.0"),
+      (dict(k=300, exclude=np.arange(4)), ValueError, "N - 1 = 299"),
+      (dict(sigma=0.0), ValueError, "sigma=0.0"),
+      (dict(sigma=-2.0), ValueError, "sigma=-2.0"),
+      (dict(sigma=float("inf")), ValueError, "sigma=inf"),
+      (dict(exclude=np.arange(3)), ValueError, "exclude.shape=(3,)"),
+      (dict(exclude=np.array([0, 1, 300, 2])), ValueError, "exclude[2]=300"),
+      (dict(exclude=np.array([0, 1, -1, 2])), ValueError, "exclude[2]=-1"),
+      (dict(exclude=np.zeros(4, np.float32)), TypeError, "exclude.dtype"),
+      (dict(task="regression"), ValueError, "built for task='classification'"),
+      (dict(fingerprint="other"), ValueError, "fingerprint='other'"),
+      (dict(query_chunk=0), ValueError, "query_chunk=0"),
+      (dict(implementation="faiss"), ValueError, "implementation='faiss'"),
+  ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_predict_cases())))
+def test_predict_rejects_bad_input(case):
+  mem, _, _, _, xq, zq = _classification()
+  overrides, exc, fragment = _bad_predict_cases()[case]
+  kwargs = dict(mem=mem, embeddings=xq[:4], base_outputs=zq[:4], k=3, sigma=1.0)
+  kwargs.update(overrides)
+  with pytest.raises(exc) as info:
+    rm.predict(kwargs.pop("mem"), kwargs.pop("embeddings"), kwargs.pop("base_outputs"), **kwargs)
+  assert fragment in str(info.value), str(info.value)
+
+
+def test_regression_memory_rejects_classification_shaped_outputs():
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(20, 3)).astype(np.float32)
+  mem = rm.build_memory(x, np.zeros(20, np.float32), np.zeros(20, np.float32), task="regression")
+  with pytest.raises(ValueError, match=r"per-example shape \(\)"):
+    rm.predict(mem, x[:2], np.zeros((2, 5), np.float32), k=1, sigma=1.0)
+  with pytest.raises(ValueError, match="built for task='regression'"):
+    rm.predict(mem, x[:2], np.zeros(2, np.float32), k=1, sigma=1.0, task="classification")

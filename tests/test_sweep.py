@@ -1,0 +1,214 @@
+"""`sweep`: one search, every (k, sigma, T), baselines, all against float64 NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import resmem_jax as rm
+import importlib
+
+predict_module = importlib.import_module("resmem_jax.predict")
+
+KS, SIGMAS, TEMPS, LAMS = (1, 4, 9), (0.2, 1.5), (0.5, 2.0), (0.3, 0.8)
+
+
+def _softmax(z, t):
+  z = np.asarray(z, np.float64) / t
+  e = np.exp(z - z.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def _neighbours(keys, queries, k_max, exclude=None):
+  d = np.sqrt(((queries[:, None].astype(np.float64) - keys[None]) ** 2).sum(-1))
+  if exclude is not None:
+    d[np.arange(len(queries)), exclude] = np.inf
+  idx = np.stack([np.lexsort((np.arange(len(keys)), row))[:k_max] for row in d])
+  return np.take_along_axis(d, idx, axis=1), idx
+
+
+def _weights(d, k, sigma):
+  w = np.exp(-(d[:, :k] - d[:, :1]) / sigma)
+  return w / w.sum(axis=1, keepdims=True)
+
+
+def _cls_metrics(p, y):
+  p_true = np.clip(p[np.arange(len(y)), y], 1e-7, 1.0)
+  return (p.argmax(axis=1) == y).mean(), -np.log(p_true).mean()
+
+
+@pytest.fixture(scope="module")
+def cls_data():
+  rng = np.random.default_rng(0)
+  n, q, d, c = 150, 45, 6, 4
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  y = rng.integers(0, c, n)
+  z = (2 * rng.normal(size=(n, c))).astype(np.float32)
+  xq = rng.normal(size=(q, d)).astype(np.float32)
+  yq = rng.integers(0, c, q)
+  zq = (2 * rng.normal(size=(q, c))).astype(np.float32)
+  return x, y, z, xq, yq, zq
+
+
+def _numpy_table(x, y, z, xq, yq, zq, exclude=None):
+  """Every method and setting of the classification sweep, in float64."""
+  d, idx = _neighbours(x, xq, max(KS), exclude)
+  onehot = np.eye(z.shape[1])[y]
+  want = {}
+  for t in TEMPS:
+    base = _softmax(zq, t)
+    res = onehot - _softmax(z, t)
+    want[("deepnet", None, None, t, None)] = _cls_metrics(base, yq)
+    for s in SIGMAS:
+      for k in KS:
+        w = _weights(d, k, s)
+        p_knn = np.einsum("qk,qkc->qc", w, onehot[idx[:, :k]])
+        want[("resmem", k, s, t, None)] = _cls_metrics(
+            base + np.einsum("qk,qkc->qc", w, res[idx[:, :k]]), yq)
+        want[("knn", k, s, None, None)] = _cls_metrics(p_knn, yq)
+        for lam in LAMS:
+          want[("knn_lm", k, s, t, lam)] = _cls_metrics(lam * p_knn + (1 - lam) * base, yq)
+  return want
+
+
+def _key(row):
+  return (row["method"], row["k"], row["sigma"], row["temperature"], row["lam"])
+
+
+def test_classification_table_matches_numpy(cls_data):
+  x, y, z, xq, yq, zq = cls_data
+  mem = rm.build_memory(x, y, z, task="classification", temperature=1.0)
+  result = rm.sweep(mem, xq, zq, yq, ks=KS, sigmas=SIGMAS, temperatures=TEMPS, lams=LAMS)
+  want = _numpy_table(x, y, z, xq, yq, zq)
+  assert {_key(r) for r in result.table} == set(want)
+  assert len(result.table) == len(want)
+  for row in result.table:
+    acc, ll = want[_key(row)]
+    assert row["accuracy"] == pytest.approx(acc, abs=1e-12), row
+    assert row["log_loss"] == pytest.approx(ll, rel=1e-5, abs=1e-5), row
+  assert result.metric == "accuracy" and result.n_queries == len(xq)
+  for method, best in result.best.items():
+    rows = [r for r in result.table if r["method"] == method]
+    assert best["accuracy"] == max(r["accuracy"] for r in rows)
+    assert best["log_loss"] == min(r["log_loss"] for r in rows
+                                   if r["accuracy"] == best["accuracy"])
+  assert "resmem" in result.format(top=2)
+
+
+def test_resmem_rows_equal_predict(cls_data):
+  x, y, z, xq, yq, zq = cls_data
+  mem = rm.build_memory(x, y, z, task="classification", temperature=1.0)
+  result = rm.sweep(mem, xq, zq, yq, ks=KS, sigmas=SIGMAS, temperatures=TEMPS)
+  for row in result.table:
+    if row["method"] != "resmem":
+      continue
+    at_t = rm.build_memory(x, y, z, task="classification", temperature=row["temperature"])
+    p = np.asarray(rm.predict(at_t, xq, zq, k=row["k"], sigma=row["sigma"]), np.float64)
+    acc, ll = _cls_metrics(p, yq)
+    assert row["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert row["log_loss"] == pytest.approx(ll, rel=1e-5, abs=1e-5)
+
+
+def test_leave_one_out_and_parts(cls_data):
+  x, y, z, _, _, _ = cls_data
+  result = rm.sweep((x, y, z), x, z, y, ks=KS, sigmas=SIGMAS, temperatures=TEMPS, lams=LAMS,
+                    exclude=np.arange(len(x)), task="classification")
+  want = _numpy_table(x, y, z, x, y, z, exclude=np.arange(len(x)))
+  for row in result.table:
+    acc, ll = want[_key(row)]
+    assert row["accuracy"] == pytest.approx(acc, abs=1e-12), row
+    assert row["log_loss"] == pytest.approx(ll, rel=1e-5, abs=1e-5), row
+  # Without leave-one-out, k = 1 memorizes the training set.
+  memorized = rm.sweep((x, y, z), x, z, y, ks=(1,), sigmas=(1.0,))
+  assert memorized.best["resmem"]["accuracy"] == 1.0
+  assert memorized.best["knn"]["accuracy"] == 1.0
+
+
+def test_searches_once(cls_data, monkeypatch):
+  x, y, z, xq, yq, zq = cls_data
+  mem = rm.build_memory(x, y, z)
+  calls = []
+  real = predict_module.knn
+
+  def counting(queries, keys, k, **kwargs):
+    calls.append(k)
+    return real(queries, keys, k, **kwargs)
+
+  monkeypatch.setattr(predict_module, "knn", counting)
+  rm.sweep(mem, xq, zq, yq, ks=KS, sigmas=SIGMAS, temperatures=TEMPS)
+  assert calls == [max(KS)]
+  calls.clear()
+  rm.sweep(mem, xq, zq, yq, ks=KS, sigmas=SIGMAS, query_chunk=20)  # streamed: 3 chunks
+  assert calls == [max(KS)] * 3
+
+
+@pytest.mark.parametrize("shape", [(), (2,)])
+def test_regression_table_matches_numpy(shape):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(120, 3)).astype(np.float32)
+  y, f = rng.normal(size=(2, 120) + shape).astype(np.float32)
+  xq = rng.normal(size=(30, 3)).astype(np.float32)
+  yq, fq = rng.normal(size=(2, 30) + shape).astype(np.float32)
+  mem = rm.build_memory(x, y, f, task="regression")
+  result = rm.sweep(mem, xq, fq, yq, ks=KS, sigmas=SIGMAS, lams=LAMS)
+  d, idx = _neighbours(x, xq, max(KS))
+  y2, f2 = y.reshape(120, -1).astype(np.float64), f.reshape(120, -1)
+  yq2, fq2 = yq.reshape(30, -1).astype(np.float64), fq.reshape(30, -1)
+
+  def mse(pred):
+    return np.mean((pred - yq2) ** 2)
+
+  want = {("deepnet", None, None, None, None): mse(fq2)}
+  for s in SIGMAS:
+    for k in KS:
+      w = _weights(d, k, s)
+      knn = np.einsum("qk,qkm->qm", w, y2[idx[:, :k]])
+      want[("resmem", k, s, None, None)] = mse(fq2 + np.einsum("qk,qkm->qm", w,
+                                                                 (y2 - f2)[idx[:, :k]]))
+      want[("knn", k, s, None, None)] = mse(knn)
+      for lam in LAMS:
+        want[("knn_lm", k, s, None, lam)] = mse(lam * knn + (1 - lam) * fq2)
+  assert {_key(r) for r in result.table} == set(want)
+  for row in result.table:
+    assert row["mse"] == pytest.approx(want[_key(row)], rel=1e-5, abs=1e-6), row
+  assert result.metric == "mse"
+  assert result.best["resmem"]["mse"] == min(r["mse"] for r in result.table
+                                              if r["method"] == "resmem")
+
+
+@pytest.mark.parametrize("overrides,exc,fragment", [
+    (dict(ks=()), ValueError, "ks must be a non-empty sequence"),
+    (dict(ks=5), ValueError, "ks=5"),
+    (dict(ks=(1, 1)), ValueError, "must not repeat"),
+    (dict(ks=(1, 151)), ValueError, "ks[1]=151"),
+    (dict(ks=(0,)), ValueError, "ks[0]=0"),
+    (dict(ks=(150,), exclude=np.arange(45)), ValueError, "N - 1 = 149"),
+    (dict(sigmas=(1.0, -1.0)), ValueError, "sigmas[1]=-1.0"),
+    (dict(temperatures=(0.0,)), ValueError, "temperatures[0]=0.0"),
+    (dict(lams=(1.5,)), ValueError, "lams[0]=1.5"),
+    (dict(targets=np.full(45, 4)), ValueError, "targets[0]=4"),
+    (dict(targets=np.zeros(44, np.int64)), ValueError, "targets.shape=(44,)"),
+    (dict(targets=np.zeros(45, np.float32)), TypeError, "targets.dtype"),
+    (dict(mem_or_parts="memory"), TypeError, "mem_or_parts"),
+    (dict(task="regression"), ValueError, "built for task='classification'"),
+    (dict(embeddings=np.zeros((0, 6), np.float32), base_outputs=np.zeros((0, 4), np.float32),
+          targets=np.zeros(0, np.int64)), ValueError, "at least one held-out point"),
+])
+def test_sweep_rejects_bad_input(cls_data, overrides, exc, fragment):
+  x, y, z, xq, yq, zq = cls_data
+  kwargs = dict(mem_or_parts=rm.build_memory(x, y, z), embeddings=xq, base_outputs=zq,
+                targets=yq, ks=(1, 3), sigmas=(1.0,))
+  kwargs.update(overrides)
+  with pytest.raises(exc) as info:
+    rm.sweep(kwargs.pop("mem_or_parts"), kwargs.pop("embeddings"), kwargs.pop("base_outputs"),
+             kwargs.pop("targets"), **kwargs)
+  assert fragment in str(info.value), str(info.value)
+
+
+def test_regression_sweep_rejects_temperatures():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(20, 3)).astype(np.float32)
+  y = rng.normal(size=20).astype(np.float32)
+  mem = rm.build_memory(x, y, y, task="regression")
+  with pytest.raises(ValueError, match="temperatures apply to classification only"):
+    rm.sweep(mem, x, y, y, ks=(1,), sigmas=(1.0,), temperatures=(1.0,))
