@@ -1,0 +1,5 @@
+"""Command-line front for `resmem_jax.configs.mnist` (the config lives in the package so a
+notebook can load it with `resmem_jax.configs.get_config("mnist")`); see its docstring for
+the command and the expected result."""
+
+from resmem_jax.configs.mnist import get_config  # pylint: disable=unused-import

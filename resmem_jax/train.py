@@ -1,0 +1,503 @@
+"""Train a base network, then add ResMem on its embedding: the vision experiment.
+
+`train_and_evaluate(config, workdir)` is the whole experiment (Yang et al., "ResMem:
+Learn what you can and memorize the rest", NeurIPS 2023, Sec. 5):
+
+  1. load deterministic train / validation / test splits (`resmem_jax.data`);
+  2. train the base model (Flax `TrainState`, jitted steps, SGD with Nesterov momentum,
+     linear warmup then cosine decay, weight decay), logging JSON lines and saving an
+     Orbax checkpoint every epoch; a killed run resumes from its last checkpoint to the
+     same final metrics as an uninterrupted one (data order and augmentation depend only
+     on the seed, the epoch and the step);
+  3. the ResMem stage (`resmem_stage`): embeddings and logits of the training set (no
+     augmentation), (k, sigma, T) chosen on the validation split, then the test split
+     once, next to the baselines;
+  4. the analysis (`resmem_jax.analysis`): examples fixed and broken, gain per class,
+     and a picture of test digits with their nearest training digits.
+
+Everything is written to `workdir`: metrics.jsonl, checkpoints/, results.json,
+analysis.json, neighbours.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+from jaxtyping import Array, Float, Int, UInt8
+from tqdm.auto import tqdm
+
+from resmem_jax import analysis as analysis_lib
+from resmem_jax import data as data_lib
+from resmem_jax import models as models_lib
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus BatchNorm statistics (an empty dict for models without)."""
+  batch_stats: Any = flax.struct.field(default_factory=dict)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  kwargs = dict(config.get("model_kwargs", {}) or {})
+  return models_lib.create_model(config.model, num_classes=num_classes, **kwargs)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD with Nesterov momentum, linear warmup then cosine decay, L2 weight decay.
+
+  Weight decay is added to the gradient (before momentum, as in He et al.'s ResNet
+  recipe) and applies to kernels only: biases and BatchNorm scales are not decayed.
+  """
+  total = max(1, config.num_epochs * steps_per_epoch)
+  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total - 1)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=total, end_value=0.0)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  tx = optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+  return tx, schedule
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
+                       image_shape: tuple[int, ...], steps_per_epoch: int) -> TrainState:
+  """Initial `TrainState` of `model` for inputs of `image_shape` (H, W, C)."""
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      rng, jnp.zeros((1, *image_shape), jnp.float32))
+  tx, _ = create_optimizer(config, steps_per_epoch)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def _apply(state: TrainState, params, images, *, train: bool):
+  variables = {"params": params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+    if train:
+      (logits, emb), updates = state.apply_fn(variables, images, train=True,
+                                              mutable=["batch_stats"])
+      return logits, emb, updates["batch_stats"]
+  logits, emb = state.apply_fn(variables, images, train=train)
+  return logits, emb, state.batch_stats
+
+
+@functools.partial(jax.jit, static_argnames=("mean", "std", "augment"), donate_argnums=0)
+def train_step(state: TrainState, images: UInt8[Array, "B H W C"], labels: Int[Array, "B"],
+               rng: jax.Array, *, mean: tuple[float, ...], std: tuple[float, ...],
+               augment: bool) -> tuple[TrainState, dict[str, Array]]:
+  """One SGD step on a batch of uint8 images: normalize, augment, forward, update."""
+  x = data_lib.normalize(images, mean, std)
+  if augment:
+    x = data_lib.augment_crop_flip(rng, x)
+
+  def loss_fn(params):
+    logits, _, batch_stats = _apply(state, params, x, train=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, batch_stats)
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = {"loss_sum": loss * labels.shape[0],
+             "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+             "count": jnp.asarray(labels.shape[0])}
+  return state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("mean", "std"))
+def eval_step(state: TrainState, images: UInt8[Array, "B H W C"], *,
+              mean: tuple[float, ...], std: tuple[float, ...]
+              ) -> tuple[Float[Array, "B K"], Float[Array, "B E"]]:
+  """Logits and embeddings of a batch (inference mode: running BatchNorm statistics)."""
+  logits, emb, _ = _apply(state, state.params, data_lib.normalize(images, mean, std),
+                          train=False)
+  return logits, emb
+
+
+def compute_outputs(state: TrainState, split, *, mean, std, batch_size: int = 512
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Logits (N, K) and embeddings (N, E) of every example of `split`, in order.
+
+  No augmentation. The last batch is padded to `batch_size` so one compiled eval step
+  serves every batch.
+  """
+  n = len(split)
+  batch_size = max(1, min(batch_size, n))
+  logits, embs = [], []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    images, _ = split.take(idx)
+    pad = batch_size - len(idx)
+    if pad:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    lg, em = eval_step(state, images, mean=tuple(mean), std=tuple(std))
+    logits.append(np.asarray(lg)[:len(idx)])
+    embs.append(np.asarray(em)[:len(idx)])
+  return np.concatenate(logits), np.concatenate(embs)
+
+
+def _evaluate(state, split, mean, std, batch_size) -> dict[str, float]:
+  logits, _ = compute_outputs(state, split, mean=mean, std=std, batch_size=batch_size)
+  labels = split.labels
+  loss = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits),
+                                                         jnp.asarray(labels))
+  return {"loss": float(jnp.mean(loss)),
+          "accuracy": float(np.mean(np.argmax(logits, -1) == labels))}
+
+
+def steps_per_epoch_for(config: ml_collections.ConfigDict, n_train: int) -> int:
+  """Full batches per epoch (the ragged last batch is dropped: one compiled shape)."""
+  batch_size = min(config.batch_size, n_train)
+  steps = n_train // batch_size
+  limit = config.get("steps_per_epoch", -1)
+  return min(steps, limit) if limit and limit > 0 else steps
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The training-example order of `epoch`: a function of (seed, epoch) only, so a
+  resumed run replays exactly the batches an uninterrupted one would see."""
+  return np.random.default_rng((seed, epoch)).permutation(n)
+
+
+def _checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def _to_checkpoint(state: TrainState) -> dict[str, Any]:
+  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state}
+
+
+def restore_or_init(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """`state` replaced by the latest checkpoint in `manager`, if there is one."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_checkpoint(state))
+  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  return state.replace(step=restored["step"], params=restored["params"],
+                       batch_stats=restored["batch_stats"], opt_state=restored["opt_state"])
+
+
+def _read_metrics(path: str, upto_epoch: int) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if r["epoch"] <= upto_epoch]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Splits
+          ) -> tuple[TrainState, list[dict[str, Any]]]:
+  """Trains (or resumes training of) the base model; returns the final state and the
+  per-epoch metrics (also in `workdir/metrics.jsonl`)."""
+  os.makedirs(workdir, exist_ok=True)
+  n_train = len(splits.train)
+  batch_size = min(config.batch_size, n_train)
+  steps_per_epoch = steps_per_epoch_for(config, n_train)
+  model = create_model(config, splits.num_classes)
+  state = create_train_state(jax.random.key(config.seed), config, model,
+                             splits.image_shape, steps_per_epoch)
+  _, schedule = create_optimizer(config, steps_per_epoch)
+  mean, std = tuple(splits.mean), tuple(splits.std)
+  augment = bool(config.get("augment", False))
+  aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  eval_bs = config.get("eval_batch_size", 512)
+
+  manager = _checkpoint_manager(workdir, config.get("keep_checkpoints", 2))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  try:
+    state = restore_or_init(manager, state)
+    start_epoch = int(state.step) // steps_per_epoch
+    # A run killed after logging an epoch but before its checkpoint landed would log
+    # that epoch twice: keep only what the restored state has actually done.
+    history = _read_metrics(metrics_path, start_epoch)
+    with open(metrics_path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in history)
+    total = config.num_epochs * steps_per_epoch
+    bar = tqdm(total=total, initial=int(state.step), desc="train", unit="step",
+               disable=not config.get("progress", True), dynamic_ncols=True)
+    for epoch in range(start_epoch, config.num_epochs):
+      t0 = time.time()
+      order = epoch_order(config.seed, epoch, n_train)
+      sums = None
+      for i in range(steps_per_epoch):
+        images, labels = splits.train.take(order[i * batch_size:(i + 1) * batch_size])
+        step = epoch * steps_per_epoch + i
+        state, m = train_step(state, images, labels, jax.random.fold_in(aug_key, step),
+                              mean=mean, std=std, augment=augment)
+        sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+        bar.update(1)
+      sums = jax.device_get(sums)
+      val = _evaluate(state, splits.validation, mean, std, eval_bs)
+      record = {"epoch": epoch + 1, "step": int(state.step),
+                "train_loss": float(sums["loss_sum"] / sums["count"]),
+                "train_accuracy": float(sums["correct"] / sums["count"]),
+                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                "learning_rate": float(schedule(int(state.step) - 1)),
+                "epoch_time_s": round(time.time() - t0, 3)}
+      bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}")
+      manager.save(int(state.step), args=ocp.args.StandardSave(_to_checkpoint(state)))
+      history.append(record)
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    bar.close()
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+  return state, history
+
+
+def resmem_stage(*, train_outputs: tuple[np.ndarray, np.ndarray], train_labels: np.ndarray,
+                 val_outputs: tuple[np.ndarray, np.ndarray], val_labels: np.ndarray,
+                 test_outputs: tuple[np.ndarray, np.ndarray], test_labels: np.ndarray,
+                 ks: Sequence[int], sigmas: Sequence[float],
+                 temperatures: Sequence[float], relative_sigma: bool = True
+                 ) -> dict[str, Any]:
+  r"""ResMem on a trained model's outputs: tune on validation, then test once.
+
+  1. Memory of the training set: keys phi(x_i), residuals onehot(y_i) - softmax(z_i / T).
+  2. `rm.sweep` scores every (k, sigma, T) of ResMem, and of the baselines (DeepNet alone,
+     soft kNN on the embeddings, kNN-LM interpolation), on the validation split.
+  3. Each method's best validation setting is applied to the test split once; ResMem's
+     through `rm.predict` with a memory rebuilt at the chosen T.
+
+  Args:
+    train_outputs, val_outputs, test_outputs: (logits (N, C), embeddings (N, E)) of
+      each split, computed without augmentation.
+    train_labels, val_labels, test_labels: (N,) int labels.
+    ks, sigmas, temperatures: the grids searched on validation.
+    relative_sigma: if True, `sigmas` are multiples of the median distance from a
+      validation embedding to its nearest training embedding (a scale measured on
+      train and validation only), so one grid serves embeddings of any scale.
+
+  Returns:
+    A dict: deepnet/resmem test accuracies, `best` (k, sigma, temperature chosen on
+    validation), validation accuracies, `baselines` (test accuracy of each method at
+    its best validation setting) and `baseline_settings`, the sigma scale, the
+    predictions on the test split (`test_predictions`: arrays, not JSON).
+  """
+  import resmem_jax as rm  # pylint: disable=g-import-not-at-top
+  from resmem_jax.sweep import sweep  # pylint: disable=g-import-not-at-top
+
+  train_logits, train_emb = train_outputs
+  val_logits, val_emb = val_outputs
+  test_logits, test_emb = test_outputs
+  n_train = train_emb.shape[0]
+  ks = tuple(sorted({min(int(k), n_train) for k in ks}))
+  scale = 1.0
+  if relative_sigma:
+    nearest = rm.knn(jnp.asarray(val_emb), jnp.asarray(train_emb), 1).distances[:, 0]
+    scale = float(np.median(np.asarray(nearest)))
+    scale = scale if scale > 0 else 1.0
+  sigma_grid = tuple(float(s * scale) for s in sigmas)
+  memory = rm.build_memory(train_emb, train_labels, train_logits, temperature=1.0)
+  val = sweep(memory, val_emb, val_logits, val_labels, ks=ks, sigmas=sigma_grid,
+              temperatures=tuple(float(t) for t in temperatures))
+  best = val.best["resmem"]
+
+  final = rm.build_memory(train_emb, train_labels, train_logits,
+                          temperature=best["temperature"])
+  scores = np.asarray(rm.predict(final, test_emb, test_logits, k=best["k"],
+                                 sigma=best["sigma"]))
+  resmem_pred = scores.argmax(-1)
+  deepnet_pred = test_logits.argmax(-1)
+
+  # Every method at its own best validation setting, scored on test in one pass: the
+  # grid below is the union of the chosen settings, and each method reads off the row
+  # of its own validation choice (nothing is selected on test).
+  chosen = {m: val.best[m] for m in ("deepnet", "knn", "knn_lm")}
+  union = lambda key, default: tuple(sorted({r[key] for r in chosen.values()
+                                             if r[key] is not None} or {default}))
+  test = sweep(memory, test_emb, test_logits, test_labels, ks=union("k", ks[0]),
+               sigmas=union("sigma", sigma_grid[0]),
+               temperatures=union("temperature", 1.0), lams=union("lam", 0.5))
+  knobs = ("k", "sigma", "temperature", "lam")
+  baselines, settings = {}, {}
+  for method, row in chosen.items():
+    (match,) = [r for r in test.table if r["method"] == method
+                and all(r[key] == row[key] for key in knobs)]
+    baselines[method] = match["accuracy"]
+    settings[method] = {key: row[key] for key in knobs if row[key] is not None}
+    settings[method]["val_accuracy"] = row["accuracy"]
+  return {
+      "deepnet_test_accuracy": float(np.mean(deepnet_pred == test_labels)),
+      "resmem_test_accuracy": float(np.mean(resmem_pred == test_labels)),
+      "deepnet_val_accuracy": float(np.mean(val_logits.argmax(-1) == val_labels)),
+      "resmem_val_accuracy": best["accuracy"],
+      "best": {"k": best["k"], "sigma": best["sigma"], "temperature": best["temperature"],
+               "sigma_relative": best["sigma"] / scale},
+      "sigma_scale": scale,
+      "baselines": baselines,
+      "baseline_settings": settings,
+      "test_predictions": {"deepnet": deepnet_pred, "resmem": resmem_pred,
+                           "resmem_scores": scores},
+  }
+
+
+def load_splits(config: ml_collections.ConfigDict) -> data_lib.Splits:
+  """The deterministic splits `config` asks for (see `resmem_jax.data.load_splits`)."""
+  return data_lib.load_splits(
+      config.dataset, val_size=config.get("val_size"), test_size=config.get("test_size"),
+      split_seed=config.get("split_seed", 0), data_dir=config.get("data_dir"),
+      manual_dir=config.get("manual_dir"), image_size=config.get("image_size", 224),
+      max_train=config.get("max_train"))
+
+
+def _neighbour_picture(path, config, splits, outputs, stage, fixed_broken) -> str | None:
+  import resmem_jax as rm  # pylint: disable=g-import-not-at-top
+  rows = int(config.analysis.get("num_examples", 0))
+  if rows <= 0:
+    return None
+  # ResMem's fixes first, then its breaks, then the first test examples: the picture
+  # is about what the memory changed.
+  order = np.concatenate([fixed_broken["fixed"], fixed_broken["broken"],
+                          np.arange(len(splits.test))])
+  _, keep = np.unique(order, return_index=True)
+  chosen = order[np.sort(keep)][:rows]
+  best = stage["best"]
+  res = rm.knn(jnp.asarray(outputs["test"][1][chosen]), jnp.asarray(outputs["train"][1]),
+               best["k"])
+  weights = np.asarray(rm.neighbour_weights(res.distances, sigma=best["sigma"]))
+  shown = min(int(config.analysis.get("num_neighbours", 5)), best["k"])
+  idx = np.asarray(res.indices)[:, :shown]
+  q_images, q_labels = splits.test.take(chosen)
+  n_images, n_labels = splits.train.take(idx.reshape(-1))
+  preds = stage["test_predictions"]
+  return analysis_lib.plot_neighbours(
+      path, query_images=q_images, query_labels=q_labels,
+      base_pred=preds["deepnet"][chosen], resmem_pred=preds["resmem"][chosen],
+      neighbour_images=n_images.reshape(*idx.shape, *n_images.shape[1:]),
+      neighbour_labels=n_labels.reshape(idx.shape), weights=weights[:, :shown],
+      k=best["k"])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       splits: data_lib.Splits | None = None) -> dict[str, Any]:
+  """The whole experiment: train (or resume) the base model, then ResMem, then analysis.
+
+  Writes to `workdir`: metrics.jsonl (one JSON line per epoch), checkpoints/ (Orbax,
+  every epoch), results.json (test accuracies of DeepNet, ResMem and the baselines,
+  the (k, sigma, T) chosen on validation, split sizes, timings), analysis.json
+  (examples fixed and broken, gain per class) and neighbours.png.
+
+  Args:
+    config: an ml_collections config (see `resmem_jax.configs`).
+    workdir: output directory; an existing one resumes from its last checkpoint.
+    splits: optional pre-loaded `load_splits(config)` (the size sweep reuses one).
+
+  Returns:
+    The results dict written to results.json.
+
+  Example:
+    >>> from resmem_jax import configs, train
+    >>> results = train.train_and_evaluate(configs.get_config("mnist"), "runs/mnist")
+    >>> results["resmem_test_accuracy"] - results["deepnet_test_accuracy"]
+  """
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  splits = load_splits(config) if splits is None else splits
+  t_data = time.time() - t_start
+  state, history = train(config, workdir, splits)
+  t_train = time.time() - t_start - t_data
+  t0 = time.time()
+  mean, std = splits.mean, splits.std
+  bs = config.get("eval_batch_size", 512)
+  outputs = {name: compute_outputs(state, getattr(splits, name), mean=mean, std=std,
+                                   batch_size=bs)
+             for name in ("train", "validation", "test")}
+  stage = resmem_stage(
+      train_outputs=outputs["train"], train_labels=splits.train.labels,
+      val_outputs=outputs["validation"], val_labels=splits.validation.labels,
+      test_outputs=outputs["test"], test_labels=splits.test.labels,
+      ks=config.resmem.ks, sigmas=config.resmem.sigmas,
+      temperatures=config.resmem.temperatures,
+      relative_sigma=config.resmem.get("relative_sigma", True))
+  t_resmem = time.time() - t0
+  preds = stage.pop("test_predictions")
+  fb = analysis_lib.fixed_and_broken(splits.test.labels, preds["deepnet"], preds["resmem"])
+  per_class = analysis_lib.per_class_gain(splits.test.labels, preds["deepnet"],
+                                          preds["resmem"], splits.num_classes)
+  stage["test_predictions"] = preds
+  picture = _neighbour_picture(os.path.join(workdir, "neighbours.png"), config, splits,
+                               outputs, stage, fb)
+  stage.pop("test_predictions")
+  analysis_lib.write_json(os.path.join(workdir, "analysis.json"), {
+      "fixed": fb["fixed"], "broken": fb["broken"],
+      "n_fixed": len(fb["fixed"]), "n_broken": len(fb["broken"]),
+      "per_class": per_class})
+  device = jax.devices()[0]
+  results = {
+      "dataset": config.dataset, "model": config.model,
+      "model_kwargs": dict(config.get("model_kwargs", {}) or {}),
+      "params": models_lib.count_params(state.params),
+      "seed": config.seed,
+      "n_train": len(splits.train), "n_val": len(splits.validation),
+      "n_test": len(splits.test), "num_classes": splits.num_classes,
+      **stage,
+      "n_fixed": int(len(fb["fixed"])), "n_broken": int(len(fb["broken"])),
+      "final_epoch": history[-1] if history else None,
+      "neighbours_png": picture,
+      "timing_s": {"data": round(t_data, 2), "train": round(t_train, 2),
+                   "resmem": round(t_resmem, 2),
+                   "total": round(time.time() - t_start, 2)},
+      "hardware": {"platform": device.platform, "device_kind": device.device_kind,
+                   "cpu_count": os.cpu_count()},
+      "config": config.to_dict(),
+  }
+  analysis_lib.write_json(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """Trains `config.sweep.sizes` x `config.sweep.seeds` and compares DeepNet with ResMem.
+
+  Each (size, seed) runs `train_and_evaluate` in its own sub-workdir (so a killed
+  sweep resumes where it stopped) on one shared set of splits. Writes
+  size_sweep.json (one row per run) and size_sweep.png (test accuracy against
+  parameter count, mean and std over seeds): Fig. 3 of Yang et al. (2023) at this
+  machine's scale.
+
+  Returns:
+    The rows: size, seed, params, DeepNet/ResMem test accuracy, chosen (k, sigma, T).
+  """
+  splits = load_splits(config)
+  rows = []
+  sizes = list(config.sweep.sizes)
+  for width, embed_dim in tqdm(sizes, desc="sizes", disable=not config.get("progress", True)):
+    for seed in config.sweep.seeds:
+      cfg = ml_collections.ConfigDict(config.to_dict())
+      del cfg["sweep"]
+      cfg.seed = int(seed)
+      cfg.model_kwargs.width = int(width)
+      cfg.model_kwargs.embed_dim = int(embed_dim)
+      size = f"width={width},embed={embed_dim}"
+      sub = os.path.join(workdir, f"w{width}_e{embed_dim}_s{seed}")
+      r = train_and_evaluate(cfg, sub, splits=splits)
+      rows.append({"size": size, "width": int(width), "embed_dim": int(embed_dim),
+                   "seed": int(seed), "params": r["params"],
+                   "deepnet_test_accuracy": r["deepnet_test_accuracy"],
+                   "resmem_test_accuracy": r["resmem_test_accuracy"],
+                   "baselines": r["baselines"], "best": r["best"],
+                   "train_time_s": r["timing_s"]["train"]})
+  analysis_lib.write_json(os.path.join(workdir, "size_sweep.json"),
+                          {"rows": rows, "summary": analysis_lib.summarize_size_sweep(rows)})
+  analysis_lib.plot_size_sweep(
+      os.path.join(workdir, "size_sweep.png"), rows,
+      title=f"{config.dataset}: SmallCNN sizes, mean ± std over {len(config.sweep.seeds)} seeds")
+  return rows

@@ -1,0 +1,183 @@
+"""Training: one-step end-to-end runs, checkpoint resume, optimizer, the ResMem stage."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+import resmem_jax as rm
+from resmem_jax import configs
+from resmem_jax import data
+from resmem_jax import train
+
+RESULT_KEYS = ("deepnet_test_accuracy", "resmem_test_accuracy", "best", "n_train", "n_val",
+               "n_test", "baselines")
+
+
+def _tiny(config, **overrides):
+  config.progress = False
+  config.num_epochs = 1
+  config.steps_per_epoch = 1
+  config.resmem.ks = (1, 3)
+  config.resmem.sigmas = (1.0,)
+  config.resmem.temperatures = (1.0,)
+  config.analysis.num_examples = 2
+  config.analysis.num_neighbours = 2
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _check_results(workdir, results, n_classes):
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  for key in RESULT_KEYS:
+    assert key in on_disk, key
+  assert set(on_disk["baselines"]) == {"deepnet", "knn", "knn_lm"}
+  assert on_disk["baselines"]["deepnet"] == pytest.approx(results["deepnet_test_accuracy"])
+  assert set(on_disk["best"]) >= {"k", "sigma", "temperature"}
+  analysis = json.load(open(os.path.join(workdir, "analysis.json")))
+  assert len(analysis["per_class"]["gain"]) == n_classes
+  # fixed - broken is exactly the accuracy gain.
+  gain = (analysis["n_fixed"] - analysis["n_broken"]) / results["n_test"]
+  assert gain == pytest.approx(results["resmem_test_accuracy"]
+                               - results["deepnet_test_accuracy"])
+  assert os.path.getsize(os.path.join(workdir, "neighbours.png")) > 1000
+  lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [1]
+
+
+def test_one_step_on_mock_cifar100(tmp_path):
+  config = _tiny(configs.get_config("cifar100", "quick"), model="resnet_tiny",
+                 val_size=4, max_train=None, batch_size=8, eval_batch_size=8)
+  config.model_kwargs = {}
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    results = train.train_and_evaluate(config, str(tmp_path))
+  assert (results["n_train"], results["n_val"], results["n_test"]) == (20, 4, 24)
+  assert results["num_classes"] == 100
+  _check_results(str(tmp_path), results, 100)
+
+
+def test_one_step_on_embedded_digits(tmp_path):
+  config = _tiny(configs.get_config("digits", "quick"), batch_size=32)
+  config.model_kwargs.width = 2
+  config.model_kwargs.embed_dim = 4
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert (results["n_train"], results["n_val"], results["n_test"]) == (1259, 179, 359)
+  _check_results(str(tmp_path), results, 10)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+  config = configs.get_config("mnist", "quick")
+  config.progress = False
+  config.num_epochs = 3
+  config.max_train = 300
+  config.batch_size = 100
+  config.analysis.num_examples = 0
+  splits = train.load_splits(config)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"), splits=splits)
+
+  real_step, calls = train.train_step, []
+
+  def killed_in_epoch_two(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 5:  # epoch 2 (3 steps per epoch), after one of its steps
+      raise KeyboardInterrupt
+    return real_step(*args, **kwargs)
+
+  workdir = str(tmp_path / "resumed")
+  monkeypatch.setattr(train, "train_step", killed_in_epoch_two)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, workdir, splits=splits)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  monkeypatch.setattr(train, "train_step", real_step)
+  resumed = train.train_and_evaluate(config, workdir, splits=splits)
+
+  for key in ("deepnet_test_accuracy", "resmem_test_accuracy", "best", "baselines"):
+    assert resumed[key] == straight[key], key
+  drop_time = lambda r: {k: v for k, v in r.items() if k != "epoch_time_s"}
+  assert drop_time(resumed["final_epoch"]) == drop_time(straight["final_epoch"])
+  lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_schedule_and_weight_decay_mask():
+  config = configs.get_config("mnist")
+  config.num_epochs, config.warmup_epochs, config.learning_rate = 4, 1.0, 0.2
+  tx, schedule = train.create_optimizer(config, steps_per_epoch=10)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(10)) == pytest.approx(0.2)
+  assert float(schedule(40)) == pytest.approx(0.0, abs=1e-7)
+  assert float(schedule(5)) == pytest.approx(0.1)
+  # With zero gradients only the decayed kernels move; biases are not decayed.
+  config.warmup_epochs = 0.0
+  tx, _ = train.create_optimizer(config, steps_per_epoch=10)
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_array_equal(updates["dense"]["bias"], 0.0)
+  # Nesterov SGD on the decay gradient wd * w: -lr * (1 + momentum) * wd at step 0.
+  np.testing.assert_allclose(updates["dense"]["kernel"],
+                             -0.2 * (1 + config.momentum) * config.weight_decay, rtol=1e-5)
+
+
+def test_train_step_fits_a_batch():
+  config = configs.get_config("mnist")
+  config.num_epochs, config.learning_rate, config.warmup_epochs = 1, 0.1, 0.0
+  config.model_kwargs.width, config.model_kwargs.embed_dim = 8, 32
+  splits = data.load_splits("digits")
+  model = train.create_model(config, 10)
+  state = train.create_train_state(jax.random.key(0), config, model, (8, 8, 1), 40)
+  images, labels = splits.train.take(np.arange(64))
+  losses = []
+  for step in range(40):
+    state, m = train.train_step(state, images, labels, jax.random.key(step),
+                                mean=splits.mean, std=splits.std, augment=False)
+    losses.append(float(m["loss_sum"] / m["count"]))
+  assert losses[-1] < 0.5 * losses[0]
+  assert int(state.step) == 40
+
+
+def test_resmem_stage_on_a_tiny_run(tmp_path):
+  config = configs.get_config("mnist", "quick")
+  config.progress = False
+  config.num_epochs = 1
+  config.max_train = 400
+  splits = train.load_splits(config)
+  state, _ = train.train(config, str(tmp_path), splits)
+  outputs = {name: train.compute_outputs(state, getattr(splits, name), mean=splits.mean,
+                                         std=splits.std, batch_size=256)
+             for name in ("train", "validation", "test")}
+  # The padded last batch (400 = 256 + 144) gives the same outputs as one batch.
+  whole = train.compute_outputs(state, splits.train, mean=splits.mean, std=splits.std,
+                                batch_size=400)
+  np.testing.assert_allclose(outputs["train"][0], whole[0], rtol=1e-5, atol=1e-5)
+  stage = train.resmem_stage(
+      train_outputs=outputs["train"], train_labels=splits.train.labels,
+      val_outputs=outputs["validation"], val_labels=splits.validation.labels,
+      test_outputs=outputs["test"], test_labels=splits.test.labels,
+      ks=(1, 5, 20), sigmas=(0.3, 1.0), temperatures=(0.5, 1.0))
+  best = stage["best"]
+  assert best["k"] in (1, 5, 20) and best["temperature"] in (0.5, 1.0)
+  assert min(abs(best["sigma_relative"] - s) for s in (0.3, 1.0)) < 1e-6
+  assert best["sigma"] == pytest.approx(best["sigma_relative"] * stage["sigma_scale"])
+  # The chosen setting is the best on validation, and the test number is rm.predict's.
+  mem = rm.build_memory(outputs["train"][1], splits.train.labels, outputs["train"][0],
+                        temperature=best["temperature"])
+  for name, labels, key in (("validation", splits.validation.labels, "resmem_val_accuracy"),
+                            ("test", splits.test.labels, "resmem_test_accuracy")):
+    logits, emb = outputs[name]
+    scores = rm.predict(mem, emb, logits, k=best["k"], sigma=best["sigma"])
+    assert stage[key] == pytest.approx(float(np.mean(np.argmax(scores, -1) == labels)))
+  assert stage["deepnet_test_accuracy"] == pytest.approx(
+      float(np.mean(outputs["test"][0].argmax(-1) == splits.test.labels)))
+  # The validation grid's best ResMem row is at least as good as every other grid row,
+  # including k and sigma at the same T as the base model (T does not move its argmax).
+  assert stage["resmem_val_accuracy"] >= stage["baseline_settings"]["deepnet"]["val_accuracy"] - 0.02
+  assert set(stage["baselines"]) == {"deepnet", "knn", "knn_lm"}
