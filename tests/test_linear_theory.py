@@ -1,0 +1,248 @@
+"""The stylized linear-regression theory check (resmem_jax.theory, experiments/linear_theory.py).
+
+The acceptance checks of issue 4 run on the `--quick` configuration (d in {2, 3, 4},
+sphere, L = 0.5, ||theta*|| = 1, noiseless, k = 1, 8 seeds x 2000 test points, n from
+100 to 10^4, slopes fitted on n >= 1000), the same numbers the quick script reports.
+Budget: about 40 s in total on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resmem_jax as rm
+from resmem_jax import theory
+
+
+@pytest.fixture(scope="module")
+def quick_results():
+  return theory.run(theory.get_config(quick=True))
+
+
+def _fig1(results):
+  return {c["d"]: c for c in results["curves"] if c["figure"] == "risk_vs_n"}
+
+
+# ------------------------------------------------------------- acceptance (issue 4)
+
+
+def test_quick_config_is_the_issue_setting(quick_results):
+  curves = _fig1(quick_results)
+  assert sorted(curves) == [2, 3, 4]
+  for c in curves.values():
+    assert (c["domain"], c["L"], c["theta_norm"], c["noise"], c["k"]) == (
+        "sphere", 0.5, 1.0, 0.0, 1)
+    assert c["num_seeds"] >= 8 and c["n_test"] >= 2000
+    assert min(c["n"]) == 100 and max(c["n"]) >= 10_000
+
+
+def test_base_risk_at_largest_n_matches_closed_form(quick_results):
+  for d, c in _fig1(quick_results).items():
+    limit = (1.0 - 0.5) ** 2 / d
+    assert c["base_risk_theory"] == pytest.approx(limit)
+    assert c["base_risk"][-1] == pytest.approx(limit, rel=0.05), d
+
+
+def test_resmem_slope_matches_theory(quick_results):
+  for d, c in _fig1(quick_results).items():
+    theory_slope = -2.0 / (d - 1)
+    assert c["resmem_slope_theory"] == pytest.approx(theory_slope)
+    assert c["slope_fit_n"] == [n for n in c["n"] if n >= 1000]
+    assert len(c["slope_fit_n"]) >= 4
+    assert c["resmem_slope_fit"] == pytest.approx(theory_slope, rel=0.10), d
+
+
+def test_resmem_below_base_at_every_n(quick_results):
+  for d, c in _fig1(quick_results).items():
+    for n, base, res in zip(c["n"], c["base_risk"], c["resmem_risk"]):
+      if n >= 100:
+        assert res < base, (d, n)
+    # Per seed as well, not only on average.
+    assert np.all(np.asarray(c["resmem_risk_per_seed"]) < np.asarray(c["base_risk_per_seed"]))
+
+
+def test_resmem_risk_matches_exact_nn_curve(quick_results):
+  # The derivation, not only its slope: R_resmem = (||theta*|| - L)^2 / d * E[D_n^2].
+  for d, c in _fig1(quick_results).items():
+    ratio = np.asarray(c["resmem_risk"]) / np.asarray(c["resmem_risk_theory"])
+    big = np.asarray(c["n"]) >= 1000
+    assert math.exp(np.mean(np.log(ratio[big]))) == pytest.approx(1.0, abs=0.10), (d, ratio)
+
+
+def test_results_are_json_and_plots_write(quick_results, tmp_path):
+  text = json.dumps(quick_results)
+  assert json.loads(text)["curves"][0]["figure"] == "risk_vs_n"
+  path = tmp_path / "risk_vs_n.png"
+  theory.plot_risk_vs_n(quick_results, str(path))
+  assert path.stat().st_size > 10_000
+  with pytest.raises(ValueError, match="noise"):
+    theory.plot_noise(quick_results, str(tmp_path / "noise.png"))
+
+
+# ------------------------------------------------------------------- base model
+
+
+def _projected_gradient(x, y, radius, steps=20_000):
+  """Float64 oracle: projected gradient descent on the ball (convex, 1/L step)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  step = 1.0 / np.linalg.eigvalsh(x.T @ x).max()
+  theta = np.zeros(x.shape[1])
+  for _ in range(steps):
+    theta = theta - step * x.T @ (x @ theta - y)
+    norm = np.linalg.norm(theta)
+    if norm > radius:
+      theta *= radius / norm
+  return theta
+
+
+@pytest.mark.parametrize("radius", [0.05, 0.3, 0.8])
+def test_constrained_least_squares_matches_projected_gradient(radius):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(40, 5)).astype(np.float32)
+  y = (x @ rng.normal(size=5) + 0.3 * rng.normal(size=40)).astype(np.float32)
+  theta = np.asarray(theory.constrained_least_squares(jnp.asarray(x), jnp.asarray(y), radius))
+  oracle = _projected_gradient(x, y, radius)
+  np.testing.assert_allclose(theta, oracle, atol=2e-5 * max(1.0, np.linalg.norm(oracle)))
+  assert np.linalg.norm(theta) == pytest.approx(radius, rel=1e-5)
+
+
+def test_constrained_least_squares_inactive_and_zero_radius():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(30, 4)).astype(np.float32)
+  y = rng.normal(size=30).astype(np.float32)
+  lstsq = np.linalg.lstsq(x.astype(np.float64), y.astype(np.float64), rcond=None)[0]
+  theta = theory.constrained_least_squares(jnp.asarray(x), jnp.asarray(y), 10.0)
+  np.testing.assert_allclose(theta, lstsq, atol=1e-5)
+  zero = theory.constrained_least_squares(jnp.asarray(x), jnp.asarray(y), 0.0)
+  np.testing.assert_array_equal(zero, np.zeros(4, np.float32))
+
+
+def test_simulate_trials_fits_every_prefix_and_vmaps_over_seeds():
+  n_grid = (10, 25, 60)
+  trials = theory.simulate_trials(theory.seed_keys(0, 2, d=3), n_grid=n_grid, n_test=50,
+                                  d=3, domain="sphere", theta_norm=1.0, noise=0.1,
+                                  radius=0.4)
+  assert trials.x_train.shape == (2, 60, 3) and trials.theta_hat.shape == (2, 3, 3)
+  solve = jax.jit(theory.constrained_least_squares)
+  for s in range(2):
+    for g, n in enumerate(n_grid):
+      direct = solve(trials.x_train[s, :n], trials.y_train[s, :n], 0.4)
+      np.testing.assert_allclose(trials.theta_hat[s, g], direct, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(trials.theta_star, axis=-1), 1.0, rtol=1e-6)
+  # Seeds are independent draws.
+  assert not np.allclose(trials.x_train[0], trials.x_train[1])
+
+
+# ---------------------------------------------------------------------- theory
+
+
+@pytest.mark.parametrize("domain", theory.DOMAINS)
+def test_second_moment_and_base_limit(domain):
+  d, n = 4, 200_000
+  x = theory.sample_inputs(jax.random.key(3), n, d, domain=domain)
+  s = theory.second_moment(domain, d)
+  np.testing.assert_allclose(np.asarray(x.T @ x) / n, s * np.eye(d), atol=0.02 * s)
+  if domain == "sphere":
+    np.testing.assert_allclose(np.linalg.norm(x, axis=-1), 1.0, rtol=1e-5)
+  if domain == "cube":
+    assert float(jnp.abs(x).max()) <= 1.0
+  # Population risk of theta_L = L theta*/||theta*||, by Monte Carlo.
+  theta_star = jnp.array([0.6, -0.8, 0.0, 0.0]) * 1.5
+  theta_l = theta_star / 1.5 * 0.5
+  risk = float(jnp.mean(jnp.square(x @ (theta_l - theta_star))))
+  limit = theory.base_risk_limit(domain=domain, d=d, radius=0.5, theta_norm=1.5)
+  assert risk == pytest.approx(limit, rel=0.02)
+
+
+def test_mean_sq_nn_distance_circle_and_asymptote():
+  for n in (10, 1000):
+    # Circle: arc gaps give E[A^2] = 2 pi^2 / ((n+1)(n+2)); chord = 2 sin(A/2) <= arc.
+    arc = 2 * math.pi**2 / ((n + 1) * (n + 2))
+    chord = theory.mean_sq_nn_distance(n, 2)
+    assert chord < arc and chord == pytest.approx(arc, rel=3.0 / n)
+  for d in (3, 4, 8):
+    m, a = d - 1, (d - 1) / 2
+    n = 10**7
+    asymptote = 4 * math.gamma(1 + 2 / m) * (a * math.exp(
+        math.lgamma(a) * 2 - math.lgamma(2 * a)) / n) ** (2 / m)
+    assert theory.mean_sq_nn_distance(n, d) == pytest.approx(asymptote, rel=0.01)
+
+
+def test_mean_sq_nn_distance_matches_monte_carlo():
+  d, n, queries, reps = 4, 300, 2000, 4
+  keys = jax.random.split(jax.random.key(4), 2 * reps)
+  sq = []
+  for r in range(reps):
+    train = theory.sample_inputs(keys[2 * r], n, d, domain="sphere")
+    test = theory.sample_inputs(keys[2 * r + 1], queries, d, domain="sphere")
+    sq.append(np.square(np.asarray(rm.knn(test, train, 1).distances[:, 0])))
+  assert np.mean(sq) == pytest.approx(theory.mean_sq_nn_distance(n, d), rel=0.03)
+
+
+def test_fit_slope_and_growing_k():
+  n = np.array([100, 1000, 10_000])
+  assert theory.fit_slope(n, 3.0 * n**-0.75) == pytest.approx(-0.75)
+  assert [theory.growing_k(n, m=2) for n in (100, 10_000)] == [10, 100]
+  assert theory.resmem_slope_theory(domain="sphere", d=3, noise=0.2, k_rule="growing") == -0.5
+  cube = theory.resmem_slope_theory(domain="cube", d=3, noise=0.0, k_rule="fixed")
+  assert cube == pytest.approx(-2 / 3)
+
+
+# ---------------------------------------------------------------------- config
+
+
+def test_bad_config_raises_naming_the_setting():
+  config = theory.get_config(quick=True)
+  config.domain = "torus"
+  with pytest.raises(ValueError, match="domain"):
+    theory.plan(config)
+  config = theory.get_config(quick=True)
+  config.risk_vs_n.radius = -1.0
+  with pytest.raises(ValueError, match="risk_vs_n.radius"):
+    theory.plan(config)
+  config = theory.get_config(quick=True)
+  config.num_seeds = 1
+  with pytest.raises(ValueError, match="num_seeds"):
+    theory.plan(config)
+
+
+def test_script_writes_json_and_all_figures(tmp_path, monkeypatch):
+  from experiments import linear_theory  # pylint: disable=g-import-not-at-top
+
+  default_config = theory.get_config
+
+  def tiny(quick=False):
+    del quick
+    c = default_config()
+    c.num_seeds, c.n_test = 2, 100
+    c.risk_vs_n.dims, c.risk_vs_n.n, c.risk_vs_n.slope_fit_min_n = (2,), (20, 40), 20
+    # Shapes shared with the curve above, so little compiles anew.
+    c.risk_vs_capacity.dims, c.risk_vs_capacity.n = (2,), 40
+    c.risk_vs_capacity.radii = (0.0, 0.5, 1.0)
+    c.noise.d, c.noise.n, c.noise.slope_fit_min_n = 2, (20, 40), 20
+    return c
+
+  monkeypatch.setattr(theory, "get_config", tiny)
+  assert linear_theory.main(["--workdir", str(tmp_path)]) == 0
+  results = json.loads((tmp_path / "results.json").read_text())
+  figures = [c["figure"] for c in results["curves"]]
+  assert figures.count("risk_vs_n") == 1 and figures.count("risk_vs_capacity") == 3
+  assert figures.count("noise") == 2
+  required = {"domain", "d", "L", "theta_norm", "noise", "k", "n", "base_risk",
+              "resmem_risk", "base_risk_theory", "resmem_slope_fit",
+              "resmem_slope_theory", "base_risk_std", "resmem_risk_std"}
+  for c in results["curves"]:
+    assert required <= set(c)
+    assert len(c["base_risk"]) == len(c["resmem_risk"]) == len(c["n"])
+  growing = [c for c in results["curves"] if c["k_rule"] == "growing"][0]
+  # k_n = ceil(n^{2/(m+2)}) with m = 1 on the circle: 20^(2/3) = 7.4, 40^(2/3) = 11.7.
+  assert growing["k"] is None and growing["k_per_n"] == [8, 12]
+  for name in theory.FIGURES:
+    assert os.path.getsize(tmp_path / f"{name}.png") > 10_000
