@@ -1,8 +1,9 @@
 """What ResMem changed: examples fixed and broken, gain per class, pictures, tables.
 
 Pure functions on predictions and labels, plus the plotting and formatting used by
-`train.train_and_evaluate` and the model-size sweep. Matplotlib is imported lazily
-with the Agg backend, so nothing here needs a display.
+`train.train_and_evaluate`, the model-size sweep and the notebooks. Figures are bare
+`matplotlib.figure.Figure`s (no pyplot, no backend switch): each plot returns its
+Figure, which a notebook displays, and saves a PNG when given a `path`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,54 @@ def per_class_gain(labels: np.ndarray, base_pred: np.ndarray, resmem_pred: np.nd
           "resmem_accuracy": res.tolist(), "gain": (res - base).tolist()}
 
 
+def median_nn_distance(queries, keys) -> float:
+  r"""Median distance from a query to its nearest key: the natural unit of sigma.
+
+  scale = median_q min_i ||q - x_i||, with the exact nearest neighbour of `rm.knn`
+  (k = 1, Euclidean). ResMem's weights softmax(-d / sigma) depend on d / sigma only,
+  so a sigma grid written in units of this scale suits embeddings of any size. Pass
+  held-out queries (validation embeddings) and the memory's keys: a training point's
+  own key is at distance 0.
+
+  Args:
+    queries: (Q, D) float embeddings, e.g. of the validation split.
+    keys: (N, D) float embeddings of the memory (the training split).
+
+  Returns:
+    The median nearest-neighbour distance as a Python float, or 1.0 if it is 0 (more
+    than half the queries coincide with a key), so that dividing by it is safe.
+
+  Raises:
+    ValueError, TypeError: from `rm.knn`, for arrays that are not (Q, D) and (N, D)
+      floats with N >= 1.
+
+  Example:
+    >>> scale = analysis.median_nn_distance(val_emb, train_emb)
+    >>> rm.sweep(memory, val_emb, val_logits, val_y, ks=(1, 10),
+    ...          sigmas=[s * scale for s in (0.3, 1.0, 3.0)], temperatures=(1.0,))
+
+  Reference: Yang et al., "ResMem: Learn what you can and memorize the rest",
+  NeurIPS 2023 (sigma is tuned on validation; the unit is this library's choice).
+  """
+  from resmem_jax.kernels import knn  # pylint: disable=g-import-not-at-top
+  nearest = knn(queries, keys, 1).distances[:, 0]
+  scale = float(np.median(np.asarray(nearest)))
+  return scale if scale > 0 else 1.0
+
+
+def _new_figure(**kwargs):
+  # A bare Figure, not pyplot: no global backend switch and no figure left open in a
+  # notebook's pyplot state. PNG output goes through Agg on demand.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  return Figure(**kwargs)
+
+
+def _save(fig, path: str | None, *, dpi: int):
+  if path is not None:
+    fig.savefig(path, dpi=dpi)
+  return fig
+
+
 def _show(ax, image: np.ndarray) -> None:
   image = np.asarray(image)
   if image.shape[-1] == 1:
@@ -60,15 +109,15 @@ def _show(ax, image: np.ndarray) -> None:
   ax.set_yticks([])
 
 
-def plot_neighbours(path: str, *, query_images: np.ndarray, query_labels: np.ndarray,
+def plot_neighbours(*, query_images: np.ndarray, query_labels: np.ndarray,
                     base_pred: np.ndarray, resmem_pred: np.ndarray,
                     neighbour_images: np.ndarray, neighbour_labels: np.ndarray,
                     weights: np.ndarray, k: int | None = None,
-                    class_names: Sequence[str] | None = None) -> str:
+                    class_names: Sequence[str] | None = None,
+                    path: str | None = None):
   """A grid: each row a test image, then its nearest training images with weights.
 
   Args:
-    path: PNG file to write.
     query_images: (R, H, W, C) uint8 test images.
     query_labels, base_pred, resmem_pred: (R,) true label, base and ResMem predictions.
     neighbour_images: (R, k, H, W, C) uint8 nearest training images, nearest first.
@@ -76,18 +125,17 @@ def plot_neighbours(path: str, *, query_images: np.ndarray, query_labels: np.nda
     weights: (R, k) their residual weights w_j (softmax of -d / sigma).
     k: the number of neighbours ResMem uses, when more than the ones drawn.
     class_names: optional names of the classes.
+    path: if given, the figure is also saved there as a PNG.
 
   Returns:
-    `path`.
+    The matplotlib Figure (a notebook displays it; nothing is left in pyplot's state).
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   name = (lambda c: class_names[c]) if class_names is not None else str
   rows, shown = neighbour_labels.shape
-  fig, axes = plt.subplots(rows, shown + 1, figsize=(1.5 * (shown + 1), 1.75 * rows + 0.6),
-                           squeeze=False)
+  # Constrained layout reserves room for every title, so a row's two-line titles never
+  # cover the images of the row above.
+  fig = _new_figure(figsize=(1.5 * (shown + 1), 1.8 * rows + 0.6), layout="constrained")
+  axes = fig.subplots(rows, shown + 1, squeeze=False)
   for r in range(rows):
     _show(axes[r, 0], query_images[r])
     axes[r, 0].set_title(f"y={name(query_labels[r])}\nnet {name(base_pred[r])}"
@@ -104,31 +152,26 @@ def plot_neighbours(path: str, *, query_images: np.ndarray, query_labels: np.nda
   fig.suptitle("test image (left): label, DeepNet / ResMem prediction;\n"
                f"{which} training images in embedding space, with residual weights w",
                fontsize=9)
-  fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / (1.75 * rows + 0.6)))
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path, dpi=100)
 
 
-def plot_size_sweep(path: str, rows: Sequence[dict[str, Any]], *, title: str = "") -> str:
+def plot_size_sweep(rows: Sequence[dict[str, Any]], *, title: str = "",
+                    path: str | None = None):
   """Test accuracy against parameter count, DeepNet and ResMem, mean +- std over seeds.
 
   Args:
-    path: PNG file to write.
     rows: one dict per trained model with "params", "seed", "deepnet_test_accuracy",
       "resmem_test_accuracy" (and a "size" label).
     title: figure title.
+    path: if given, the figure is also saved there as a PNG.
 
   Returns:
-    `path`.
+    The matplotlib Figure.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   summary = summarize_size_sweep(rows)
   x = np.array([s["params"] for s in summary])
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = _new_figure(figsize=(6, 4), layout="constrained")
+  ax = fig.subplots()
   for key, label, color in (("deepnet", "DeepNet", "tab:blue"),
                             ("resmem", "ResMem", "tab:orange")):
     mean = np.array([s[f"{key}_mean"] for s in summary]) * 100
@@ -140,10 +183,105 @@ def plot_size_sweep(path: str, rows: Sequence[dict[str, Any]], *, title: str = "
   ax.set_title(title or "ResMem vs DeepNet across model sizes (mean ± std over seeds)")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path, dpi=120)
+
+
+GRID_METHODS = ("resmem", "knn", "knn_lm")
+
+
+def plot_sweep_heatmap(result, *, method: str = "resmem", temperature: float | None = None,
+                       sigma_unit: float = 1.0, path: str | None = None):
+  """The sweep's metric over (k, sigma) for one method, one cell per setting.
+
+  Rows are k, columns sigma, each cell annotated with its value (accuracy in %, or
+  mse), at one temperature (and, for knn_lm, the best row's lam). The best setting of
+  `method` is outlined when it lies in the drawn slice; the base model's best
+  validation value, when the sweep has it, is in the title for reference.
+
+  Args:
+    result: a `resmem_jax.SweepResult` (from `rm.sweep`).
+    method: "resmem", "knn" or "knn_lm" (the methods with a (k, sigma) grid).
+    temperature: the temperature of the slice; default the best row's (ignored by
+      "knn", which has none).
+    sigma_unit: sigma tick labels are sigma / sigma_unit (e.g. the
+      `median_nn_distance` the grid was scaled by).
+    path: if given, the figure is also saved there as a PNG.
+
+  Returns:
+    The matplotlib Figure.
+
+  Raises:
+    TypeError: if `result` is not a SweepResult.
+    ValueError: for an unknown `method`, a non-positive `sigma_unit`, or a
+      `temperature` the sweep did not score.
+
+  Example:
+    >>> scale = analysis.median_nn_distance(val_emb, train_emb)
+    >>> result = rm.sweep(memory, val_emb, val_logits, val_y, ks=(1, 5, 20),
+    ...                   sigmas=[s * scale for s in (0.3, 1, 3)], temperatures=(1.0,))
+    >>> fig = analysis.plot_sweep_heatmap(result, sigma_unit=scale)
+  """
+  from resmem_jax import _validation as v  # pylint: disable=g-import-not-at-top
+  from resmem_jax.sweep import SweepResult  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(result, SweepResult):
+    raise TypeError(f"result must be a SweepResult (from rm.sweep), got "
+                    f"{type(result).__name__}")
+  v.check_choice("method", method, GRID_METHODS)
+  v.check_positive("sigma_unit", sigma_unit)
+  best = result.best[method]
+  if method == "knn":
+    temperature = None
+  elif temperature is None:
+    temperature = best["temperature"]
+  rows = [r for r in result.table if r["method"] == method
+          and r["temperature"] == temperature and r["lam"] == best["lam"]]
+  if not rows:
+    scored = sorted({r["temperature"] for r in result.table if r["method"] == method},
+                    key=str)
+    raise ValueError(f"the sweep scored {method} at no temperature={temperature!r}; "
+                     f"its temperatures are {scored}")
+  ks = sorted({r["k"] for r in rows})
+  sigmas = sorted({r["sigma"] for r in rows})
+  metric = result.metric
+  values = np.full((len(ks), len(sigmas)), np.nan)
+  for r in rows:
+    values[ks.index(r["k"]), sigmas.index(r["sigma"])] = r[metric]
+  shown = 100 * values if metric == "accuracy" else values
+  fmt = "{:.1f}" if metric == "accuracy" else "{:.3g}"
+
+  fig = _new_figure(figsize=(1.0 + 0.85 * len(sigmas) + 1.2, 1.4 + 0.45 * len(ks)),
+                    layout="constrained")
+  ax = fig.subplots()
+  # Brighter is better for either metric: mse runs the colour map the other way.
+  im = ax.imshow(shown, cmap="viridis" if metric == "accuracy" else "viridis_r",
+                 aspect="auto")
+  ax.set_xticks(range(len(sigmas)), [f"{s / sigma_unit:.3g}" for s in sigmas])
+  ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+  cmap, norm = im.get_cmap(), im.norm
+  for i in range(len(ks)):
+    for j in range(len(sigmas)):
+      if np.isfinite(shown[i, j]):
+        luminance = np.dot(cmap(norm(shown[i, j]))[:3], (0.299, 0.587, 0.114))
+        ax.text(j, i, fmt.format(shown[i, j]), ha="center", va="center", fontsize=8,
+                color="white" if luminance < 0.5 else "black")
+  if best["temperature"] == temperature:  # the best row lies in this slice
+    from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+    i, j = ks.index(best["k"]), sigmas.index(best["sigma"])
+    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="tab:red",
+                           linewidth=2))
+  ax.set_xlabel("sigma" if sigma_unit == 1.0 else f"sigma (in units of {sigma_unit:.3g})")
+  ax.set_ylabel("k")
+  unit = " (%)" if metric == "accuracy" else ""
+  knobs = "".join(f", {name}={value:g}" for name, value in
+                  (("T", temperature), ("lam", best["lam"])) if value is not None)
+  title = f"{method} validation {metric}{unit}{knobs}"
+  if "deepnet" in result.best:
+    base = result.best["deepnet"][metric]
+    title += f"\ndeepnet alone: {fmt.format(100 * base if metric == 'accuracy' else base)}"
+  ax.set_title(title, fontsize=10)
+  fig.colorbar(im, ax=ax)
+  return _save(fig, path, dpi=120)
 
 
 def summarize_size_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

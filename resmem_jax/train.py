@@ -300,11 +300,8 @@ def resmem_stage(*, train_outputs: tuple[np.ndarray, np.ndarray], train_labels: 
   test_logits, test_emb = test_outputs
   n_train = train_emb.shape[0]
   ks = tuple(sorted({min(int(k), n_train) for k in ks}))
-  scale = 1.0
-  if relative_sigma:
-    nearest = rm.knn(jnp.asarray(val_emb), jnp.asarray(train_emb), 1).distances[:, 0]
-    scale = float(np.median(np.asarray(nearest)))
-    scale = scale if scale > 0 else 1.0
+  scale = (analysis_lib.median_nn_distance(jnp.asarray(val_emb), jnp.asarray(train_emb))
+           if relative_sigma else 1.0)
   sigma_grid = tuple(float(s * scale) for s in sigmas)
   memory = rm.build_memory(train_emb, train_labels, train_logits, temperature=1.0)
   val = sweep(memory, val_emb, val_logits, val_labels, ks=ks, sigmas=sigma_grid,
@@ -379,12 +376,13 @@ def _neighbour_picture(path, config, splits, outputs, stage, fixed_broken) -> st
   q_images, q_labels = splits.test.take(chosen)
   n_images, n_labels = splits.train.take(idx.reshape(-1))
   preds = stage["test_predictions"]
-  return analysis_lib.plot_neighbours(
-      path, query_images=q_images, query_labels=q_labels,
+  analysis_lib.plot_neighbours(
+      query_images=q_images, query_labels=q_labels,
       base_pred=preds["deepnet"][chosen], resmem_pred=preds["resmem"][chosen],
       neighbour_images=n_images.reshape(*idx.shape, *n_images.shape[1:]),
       neighbour_labels=n_labels.reshape(idx.shape), weights=weights[:, :shown],
-      k=best["k"])
+      k=best["k"], path=path)
+  return path
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -498,6 +496,6 @@ def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict
   analysis_lib.write_json(os.path.join(workdir, "size_sweep.json"),
                           {"rows": rows, "summary": analysis_lib.summarize_size_sweep(rows)})
   analysis_lib.plot_size_sweep(
-      os.path.join(workdir, "size_sweep.png"), rows,
+      rows, path=os.path.join(workdir, "size_sweep.png"),
       title=f"{config.dataset}: SmallCNN sizes, mean ± std over {len(config.sweep.seeds)} seeds")
   return rows

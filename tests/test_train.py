@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import resmem_jax as rm
+from resmem_jax import analysis
 from resmem_jax import configs
 from resmem_jax import data
 from resmem_jax import train
@@ -42,10 +43,10 @@ def _check_results(workdir, results, n_classes):
   assert set(on_disk["baselines"]) == {"deepnet", "knn", "knn_lm"}
   assert on_disk["baselines"]["deepnet"] == pytest.approx(results["deepnet_test_accuracy"])
   assert set(on_disk["best"]) >= {"k", "sigma", "temperature"}
-  analysis = json.load(open(os.path.join(workdir, "analysis.json")))
-  assert len(analysis["per_class"]["gain"]) == n_classes
+  saved = json.load(open(os.path.join(workdir, "analysis.json")))
+  assert len(saved["per_class"]["gain"]) == n_classes
   # fixed - broken is exactly the accuracy gain.
-  gain = (analysis["n_fixed"] - analysis["n_broken"]) / results["n_test"]
+  gain = (saved["n_fixed"] - saved["n_broken"]) / results["n_test"]
   assert gain == pytest.approx(results["resmem_test_accuracy"]
                                - results["deepnet_test_accuracy"])
   assert os.path.getsize(os.path.join(workdir, "neighbours.png")) > 1000
@@ -165,6 +166,10 @@ def test_resmem_stage_on_a_tiny_run(tmp_path):
       ks=(1, 5, 20), sigmas=(0.3, 1.0), temperatures=(0.5, 1.0))
   best = stage["best"]
   assert best["k"] in (1, 5, 20) and best["temperature"] in (0.5, 1.0)
+  # The sigma grid's unit: the median validation-to-train nearest-neighbour distance.
+  assert stage["sigma_scale"] == analysis.median_nn_distance(outputs["validation"][1],
+                                                             outputs["train"][1])
+  assert stage["sigma_scale"] > 0
   assert min(abs(best["sigma_relative"] - s) for s in (0.3, 1.0)) < 1e-6
   assert best["sigma"] == pytest.approx(best["sigma_relative"] * stage["sigma_scale"])
   # The chosen setting is the best on validation, and the test number is rm.predict's.
@@ -181,3 +186,11 @@ def test_resmem_stage_on_a_tiny_run(tmp_path):
   # including k and sigma at the same T as the base model (T does not move its argmax).
   assert stage["resmem_val_accuracy"] >= stage["baseline_settings"]["deepnet"]["val_accuracy"] - 0.02
   assert set(stage["baselines"]) == {"deepnet", "knn", "knn_lm"}
+  # relative_sigma=False: the grid is absolute, in the embedding's own units.
+  absolute = train.resmem_stage(
+      train_outputs=outputs["train"], train_labels=splits.train.labels,
+      val_outputs=outputs["validation"], val_labels=splits.validation.labels,
+      test_outputs=outputs["test"], test_labels=splits.test.labels,
+      ks=(5,), sigmas=(best["sigma"],), temperatures=(best["temperature"],),
+      relative_sigma=False)
+  assert absolute["sigma_scale"] == 1.0 and absolute["best"]["sigma"] == best["sigma"]

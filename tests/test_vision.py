@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from resmem_jax import analysis
@@ -74,3 +75,112 @@ def test_size_sweep_summary_over_seeds():
   assert small["gain_mean"] == pytest.approx(0.05)
   assert big["resmem_std"] == pytest.approx(0.0)
   assert big["knn_mean"] == pytest.approx(0.89)
+
+
+def _tiny_sweep(seed=0):
+  import resmem_jax as rm  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  emb, val_emb = (rng.normal(size=(n, 4)).astype(np.float32) for n in (200, 60))
+  logits, val_logits = (rng.normal(size=(n, 3)).astype(np.float32) for n in (200, 60))
+  labels, val_labels = rng.integers(0, 3, 200), rng.integers(0, 3, 60)
+  scale = analysis.median_nn_distance(val_emb, emb)
+  result = rm.sweep(rm.build_memory(emb, labels, logits), val_emb, val_logits, val_labels,
+                    ks=(1, 5, 20), sigmas=[s * scale for s in (0.3, 1.0, 3.0, 10.0)],
+                    temperatures=(0.5, 2.0))
+  return result, scale
+
+
+def test_median_nn_distance_matches_brute_force():
+  rng = np.random.default_rng(1)
+  queries, keys = rng.normal(size=(41, 5)), rng.normal(size=(97, 5))
+  brute = np.median(np.linalg.norm(queries[:, None] - keys[None], axis=-1).min(-1))
+  got = analysis.median_nn_distance(queries.astype(np.float32), keys.astype(np.float32))
+  assert isinstance(got, float)
+  assert got == pytest.approx(brute, rel=1e-5)
+  # Queries that are keys are at distance 0: the unit falls back to 1.
+  assert analysis.median_nn_distance(keys[:9].astype(np.float32),
+                                     keys.astype(np.float32)) == 1.0
+
+
+def test_sweep_heatmap_draws_the_table_slice():
+  result, scale = _tiny_sweep()
+  best = result.best["resmem"]
+  fig = analysis.plot_sweep_heatmap(result, sigma_unit=scale)
+  ax = fig.axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["0.3", "1", "3", "10"]
+  assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "5", "20"]
+  # One annotated cell per (k, sigma) at the best temperature, with the table's value.
+  expected = sorted(f"{100 * r['accuracy']:.1f}" for r in result.table
+                    if r["method"] == "resmem" and r["temperature"] == best["temperature"])
+  assert sorted(t.get_text() for t in ax.texts) == expected
+  assert f"T={best['temperature']:g}" in ax.get_title()
+  (outline,) = ax.patches  # the best setting, at its (k, sigma) cell
+  assert outline.get_xy() == (
+      sorted({r["sigma"] for r in result.table if r["sigma"]}).index(best["sigma"]) - 0.5,
+      (1, 5, 20).index(best["k"]) - 0.5)
+  other = 0.5 if best["temperature"] == 2.0 else 2.0
+  ax = analysis.plot_sweep_heatmap(result, temperature=other).axes[0]
+  assert f"T={other:g}" in ax.get_title() and not ax.patches
+  assert ax.get_xlabel() == "sigma"
+  knn = analysis.plot_sweep_heatmap(result, method="knn").axes[0]
+  assert sorted(t.get_text() for t in knn.texts) == sorted(
+      f"{100 * r['accuracy']:.1f}" for r in result.table if r["method"] == "knn")
+
+
+def test_sweep_heatmap_rejects_bad_arguments():
+  result, _ = _tiny_sweep()
+  with pytest.raises(ValueError, match="method"):
+    analysis.plot_sweep_heatmap(result, method="deepnet")
+  with pytest.raises(ValueError, match="temperature=1.0"):
+    analysis.plot_sweep_heatmap(result, temperature=1.0)
+  with pytest.raises(ValueError, match="sigma_unit"):
+    analysis.plot_sweep_heatmap(result, sigma_unit=0.0)
+  with pytest.raises(TypeError, match="SweepResult"):
+    analysis.plot_sweep_heatmap(result.table)
+
+
+def _neighbour_figure(path=None, rows=4, shown=3):
+  rng = np.random.default_rng(0)
+  return analysis.plot_neighbours(
+      query_images=rng.integers(0, 256, (rows, 8, 8, 1), dtype=np.uint8),
+      query_labels=np.arange(rows), base_pred=np.arange(rows), resmem_pred=np.arange(rows),
+      neighbour_images=rng.integers(0, 256, (rows, shown, 8, 8, 1), dtype=np.uint8),
+      neighbour_labels=np.zeros((rows, shown), int), weights=np.full((rows, shown), 0.5),
+      k=10, path=path)
+
+
+def test_plots_leave_the_backend_alone_and_save_only_when_asked(tmp_path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  previous = matplotlib.get_backend()
+  matplotlib.use("template")  # stands in for a notebook's inline backend
+  try:
+    rows = [{"size": "s", "params": 10, "seed": 0, "deepnet_test_accuracy": 0.5,
+             "resmem_test_accuracy": 0.6}]
+    figs = [_neighbour_figure(), analysis.plot_size_sweep(rows),
+            analysis.plot_sweep_heatmap(_tiny_sweep()[0])]
+    assert all(isinstance(f, Figure) for f in figs)
+    assert matplotlib.get_backend() == "template"
+  finally:
+    matplotlib.use(previous)
+  assert os.listdir(tmp_path) == []
+  path = str(tmp_path / "n.png")
+  assert isinstance(_neighbour_figure(path), Figure)
+  assert os.path.getsize(path) > 1000
+
+
+def test_neighbour_titles_do_not_cover_the_row_above():
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  fig = _neighbour_figure(rows=4, shown=3)
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()  # runs the layout engine
+  renderer = canvas.get_renderer()
+  axes = np.array(fig.axes).reshape(4, 4)
+  for r in range(1, 4):
+    for c in range(4):
+      title = axes[r, c].title.get_window_extent(renderer)
+      above = axes[r - 1, c].get_window_extent(renderer)
+      assert title.y1 <= above.y0, (r, c, title, above)
+  suptitle = fig._suptitle.get_window_extent(renderer)  # pylint: disable=protected-access
+  assert all(suptitle.y0 >= axes[0, c].title.get_window_extent(renderer).y1
+             for c in range(4))
