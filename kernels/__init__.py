@@ -3,8 +3,9 @@
 Installed as `resmem_jax.kernels` (the folder is `kernels/` in the repository).
 """
 
-from resmem_jax.kernels.api import IMPLEMENTATIONS, knn, query_bucket
+from resmem_jax.kernels.api import IMPLEMENTATIONS, default_implementation, knn, query_bucket
 from resmem_jax.kernels.base import BlockSizes, KnnResult
 from resmem_jax.kernels.reference import knn_reference
 
-__all__ = ["BlockSizes", "IMPLEMENTATIONS", "KnnResult", "knn", "knn_reference", "query_bucket"]
+__all__ = ["BlockSizes", "IMPLEMENTATIONS", "KnnResult", "default_implementation", "knn",
+           "knn_reference", "query_bucket"]
