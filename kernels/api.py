@@ -37,10 +37,10 @@ else:
 
 
 def query_bucket(n: int) -> int:
-  """Padded number of queries: at most 25% padding, few distinct compiled shapes.
+  """Padded number of queries: at most 25% padding (or < 8 rows), few compiled shapes.
 
-  Sizes are m * 2^e with m in {4, 5, 6, 7} (and at least 8), so any n pads by less
-  than a quarter and a new batch size inside a bucket reuses the compiled search.
+  Sizes are m * 2^e with m in {4, 5, 6, 7} (and at least 8), so any n >= 32 pads by
+  at most a quarter and a new batch size inside a bucket reuses the compiled search.
   """
   if n <= 8:
     return 8
@@ -112,7 +112,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   ||x||^2 - 2 <q, x> on data centred by the key mean, with f32 matmuls at
   `Precision.HIGHEST`, then recomputes the k winners' distances directly, so the
   result equals a float64 brute-force search up to float32 rounding of the distances.
-  Memory stays O(block_q * block_n + Q * k): the (Q, N) matrix is never formed.
+  Memory stays O(block_q * (block_n + N / chunk) + Q * k) above a centred copy of
+  the keys: the (Q, N) matrix is never formed.
 
   Args:
     queries: (Q, D) floating array.

@@ -1,20 +1,28 @@
-"""Exact blocked kNN in plain XLA: query tiles x key tiles with a running top-k.
+"""Exact blocked kNN in plain XLA: chunk minima over whole rows, then a small exact search.
 
-For each query tile the key tiles are visited in order. A tile's scores
-`||x||^2 - 2 <q, x>` are pruned exactly before the selection: the k smallest scores of
-a row lie inside the k chunks (contiguous runs of `chunk` keys) with the smallest
-minima, because the minima of k other chunks would otherwise be k scores below a
-winner. A min per chunk is a cheap vectorized reduction, so `lax.top_k` (the slow part
-on CPU) scans k * chunk candidates instead of block_n. The tile's winners are then
-merged into the running top-k. The (Q, N) matrix is never formed: memory is
-O(block_q * block_n + Q * k).
+For a tile of queries the search runs in three steps:
 
-Ties keep the lower index first everywhere: `lax.top_k` is stable, the chosen chunks
-are re-sorted by position before their scores are gathered, and the running top-k
-(lower indices) precedes the new tile in every merge.
+1. Minima. The key tiles are visited in order; each tile's scores
+   `||x||^2 - 2 <q, x>` (a cache-sized matmul) are reduced to one minimum per chunk of
+   `chunk` consecutive keys. Only the minima leave the tile, so the (Q, N) matrix is
+   never formed: memory is O(block_q * (block_n + N / chunk) + Q * k).
+2. Chunk selection. The k smallest scores of a row lie inside the k chunks with the
+   smallest minima: otherwise the minima of k other chunks would be k scores below a
+   winner. `lax.top_k` picks those chunks from the whole row's minima at once (through
+   groups of chunks when the row is long, by the same argument one level up), so the
+   slow selection scans about N / chunk values per query instead of N.
+3. Exact search. The k * chunk keys of the chosen chunks are gathered and re-scored;
+   one `lax.top_k` over them gives the k winners.
+
+Ties keep the lower index first: `lax.top_k` is stable, chosen chunks and groups are
+put back in position order before their members are expanded, so every candidate list
+is in increasing key order. A chunk whose minimum ties the k-th smallest minimum holds
+a tied score at a lower index than any tied score in a later, unchosen chunk.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,52 +33,124 @@ from resmem_jax.kernels.base import BlockSizes
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _tile_top_k(scores: Float[Array, "bq bn"], k: int, chunk: int
-                ) -> tuple[Float[Array, "bq kk"], Int[Array, "bq kk"]]:
-  """Smallest min(k, bn) scores of each row of one tile and their column indices."""
-  bq, bn = scores.shape
-  if not chunk or k * chunk >= bn:
-    neg, cols = jax.lax.top_k(-scores, min(k, bn))
-    return -neg, cols
-  n_chunks = bn // chunk
-  chunked = scores.reshape(bq, n_chunks, chunk)
-  _, chunk_ids = jax.lax.top_k(-chunked.min(axis=-1), k)
-  chunk_ids = jnp.sort(chunk_ids, axis=-1)  # position order keeps ties lower-index first
-  candidates = jnp.take_along_axis(chunked, chunk_ids[:, :, None], axis=1).reshape(bq, k * chunk)
-  neg, pos = jax.lax.top_k(-candidates, k)
-  cols = jnp.take_along_axis(chunk_ids, pos // chunk, axis=-1) * chunk + pos % chunk
-  return -neg, cols
+def _scores_t(x: Float[Array, "n D"], q: Float[Array, "bq D"], x_sq: Float[Array, "n"] | None
+              ) -> Float[Array, "n bq"]:
+  """Ranking scores, keys along the rows: ||x||^2 - 2 <q, x> (l2, `x_sq` given) or -<q, x>."""
+  dots = jnp.dot(x, q.T, precision=HIGHEST)
+  if x_sq is None:
+    return -dots
+  return x_sq[:, None] - 2.0 * dots
 
 
-def _query_tile(q_tile: Float[Array, "bq D"], keys: Float[Array, "N D"],
-                key_sq: Float[Array, "N"], k: int, metric: str, block_n: int, chunk: int
-                ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+def _smallest(values: Float[Array, "bq m"], k: int) -> Int[Array, "bq k"]:
+  """Positions of the k smallest values of each row, lower position first on ties."""
+  return jax.lax.top_k(-values, k)[1]
+
+
+def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+                  key_sq: Float[Array, "N"] | None, block_n: int, chunk: int
+                  ) -> Float[Array, "G bq"]:
+  """Minimum score of every chunk of `chunk` consecutive keys, G = ceil(N / chunk).
+
+  Everything is keys-major, (keys, bq): a chunk is then `chunk` whole rows and its
+  minimum an elementwise min of rows, which vectorizes across the queries (a min
+  along a short minor axis does not), and no (bq, G) transpose is ever copied.
+  """
   n = keys.shape[0]
-  bq = q_tile.shape[0]
-  n_blocks = -(-n // block_n)
+  bq = q.shape[0]
+  n_full = n // block_n
+
+  def tile_minima(x, x_sq):
+    scores = _scores_t(x, q, x_sq)
+    pad = -scores.shape[0] % chunk
+    if pad:  # only the ragged last tile: its last chunk is partial
+      scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=jnp.inf)
+    return scores.reshape(-1, chunk, bq).min(axis=1)
+
+  parts = []
+  if n_full:
+    def body(_, b):
+      x = jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n)
+      x_sq = None if key_sq is None else jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
+      return None, tile_minima(x, x_sq)
+
+    _, minima = jax.lax.scan(body, None, jnp.arange(n_full))  # (T, block_n / chunk, bq)
+    parts.append(minima.reshape(-1, bq))
+  if n % block_n:
+    start = n_full * block_n
+    parts.append(tile_minima(keys[start:], None if key_sq is None else key_sq[start:]))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def _select_chunks(minima: Float[Array, "G bq"], k: int) -> Int[Array, "bq k"]:
+  """Ids of the k chunks with the smallest minima, in increasing order."""
+  n_chunks, bq = minima.shape
+  # Groups of chunks, so that top_k scans ~ G / group + k * group values, not G.
+  group = 2 ** round(math.log2(max(1.0, math.sqrt(n_chunks / k) / 2)))
+  if group > 1 and k * group < n_chunks:
+    pad = -n_chunks % group
+    minima = jnp.pad(minima, ((0, pad), (0, 0)), constant_values=jnp.inf)
+    group_minima = minima.reshape(-1, group, bq).min(axis=1).T  # (bq, G / group)
+    group_ids = jnp.sort(_smallest(group_minima, k), axis=-1)
+    candidates = (group_ids[:, :, None] * group
+                  + jnp.arange(group)[None, None, :]).reshape(bq, k * group)
+    values = minima[candidates, jnp.arange(bq)[:, None]]  # (bq, k * group)
+    chunk_ids = jnp.take_along_axis(candidates, _smallest(values, k), axis=1)
+  else:
+    chunk_ids = _smallest(minima.T, k)
+  return jnp.sort(chunk_ids, axis=-1)
+
+
+def _running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+                   key_sq: Float[Array, "N"] | None, k: int, block_n: int
+                   ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  """The unpruned search: every key tile's top-k merged into a running top-k."""
+  n = keys.shape[0]
+  bq = q.shape[0]
+
+  def merge(carry, x, x_sq, start):
+    best, best_idx = carry
+    scores = _scores_t(x, q, x_sq).T
+    pos = _smallest(scores, min(k, scores.shape[1]))
+    # The running top-k holds lower indices, so it goes first: ties stay in key order.
+    vals = jnp.concatenate([best, jnp.take_along_axis(scores, pos, axis=1)], axis=1)
+    idx = jnp.concatenate([best_idx, start + pos.astype(jnp.int32)], axis=1)
+    pos = _smallest(vals, k)
+    return jnp.take_along_axis(vals, pos, axis=1), jnp.take_along_axis(idx, pos, axis=1)
 
   def body(carry, b):
-    best, best_idx = carry
-    # The last tile is shifted back to end at N (no padded copy of the keys); columns
-    # that an earlier tile already covered are masked out.
-    start = jnp.minimum(b * block_n, n - block_n)
-    x = jax.lax.dynamic_slice_in_dim(keys, start, block_n)
-    dots = jnp.dot(q_tile, x.T, precision=HIGHEST)
-    if metric == "ip":
-      scores = -dots
-    else:
-      scores = jax.lax.dynamic_slice_in_dim(key_sq, start, block_n)[None, :] - 2.0 * dots
-    cols = start + jnp.arange(block_n, dtype=jnp.int32)
-    scores = jnp.where(cols[None, :] >= b * block_n, scores, jnp.inf)
-    vals, tile_cols = _tile_top_k(scores, k, chunk)
-    merged_vals = jnp.concatenate([best, vals], axis=1)
-    merged_idx = jnp.concatenate([best_idx, start + tile_cols.astype(jnp.int32)], axis=1)
-    neg, pos = jax.lax.top_k(-merged_vals, k)
-    return (-neg, jnp.take_along_axis(merged_idx, pos, axis=1)), None
+    x = jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n)
+    x_sq = None if key_sq is None else jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
+    return merge(carry, x, x_sq, b * block_n), None
 
-  init = (jnp.full((bq, k), jnp.inf, q_tile.dtype), jnp.full((bq, k), n, jnp.int32))
-  (best, best_idx), _ = jax.lax.scan(body, init, jnp.arange(n_blocks))
-  return best, best_idx
+  block_n = min(block_n, n)
+  n_full = n // block_n
+  carry = (jnp.full((bq, k), jnp.inf, q.dtype), jnp.full((bq, k), n, jnp.int32))
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full))
+  if n % block_n:
+    start = n_full * block_n
+    carry = merge(carry, keys[start:], None if key_sq is None else key_sq[start:], start)
+  return carry
+
+
+def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+                key_sq: Float[Array, "N"] | None, k: int, block_n: int, chunk: int
+                ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  n = keys.shape[0]
+  if not chunk or k * chunk >= n:  # pruning cannot help
+    return _running_top_k(q, keys, key_sq, k, block_n)
+  bq = q.shape[0]
+  chunk_ids = _select_chunks(_chunk_minima(q, keys, key_sq, block_n, chunk), k)
+  cols = (chunk_ids[:, :, None] * chunk + jnp.arange(chunk)[None, None, :]).reshape(bq, k * chunk)
+  valid = cols < n  # the last chunk may be partial
+  cols = jnp.minimum(cols, n - 1)
+  x = jnp.take(keys, cols, axis=0)  # (bq, k * chunk, D)
+  dots = jnp.einsum("qd,qmd->qm", q, x, precision=HIGHEST)
+  scores = -dots if key_sq is None else jnp.take(key_sq, cols) - 2.0 * dots
+  scores = jnp.where(valid, scores, jnp.inf)
+  pos = _smallest(scores, k)
+  return (jnp.take_along_axis(scores, pos, axis=1),
+          jnp.take_along_axis(cols, pos, axis=1).astype(jnp.int32))
 
 
 def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
@@ -78,20 +158,24 @@ def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
             ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"]]:
   """Ranking scores and indices of the k best keys per query (see module docstring).
 
-  Queries must already be padded to a multiple of `block_sizes.block_q` (or fewer
-  than it); the public wrapper does this with its size buckets.
+  Queries are padded to a multiple of the query tile; the public wrapper's size
+  buckets keep that padding small.
   """
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(k, queries.shape[1])
   n_q = queries.shape[0]
   n = keys.shape[0]
+  chunk = block_sizes.chunk
   block_n = min(block_sizes.block_n, n)
-  chunk = block_sizes.chunk if block_n % max(block_sizes.chunk, 1) == 0 else 0
+  if chunk:  # a key tile holds whole chunks
+    block_n = max(chunk, block_n // chunk * chunk)
   block_q = min(block_sizes.block_q, n_q)
-  if n_q % block_q:
-    raise ValueError(f"{n_q=} must be a multiple of {block_q=}")
-  key_sq = jnp.sum(keys * keys, axis=-1)
-  q_tiles = queries.reshape(n_q // block_q, block_q, -1)
+  n_tiles = -(-n_q // block_q)
+  padded = queries
+  if n_tiles * block_q != n_q:
+    padded = jnp.pad(queries, ((0, n_tiles * block_q - n_q), (0, 0)))
+  key_sq = jnp.sum(keys * keys, axis=-1) if metric == "l2" else None
+  q_tiles = padded.reshape(n_tiles, block_q, -1)
   best, best_idx = jax.lax.map(
-      lambda q: _query_tile(q, keys, key_sq, k, metric, block_n, chunk), q_tiles)
-  return best.reshape(n_q, k), best_idx.reshape(n_q, k)
+      lambda q: _query_tile(q, keys, key_sq, k, block_n, chunk), q_tiles)
+  return best.reshape(-1, k)[:n_q], best_idx.reshape(-1, k)[:n_q]

@@ -1,0 +1,502 @@
+"""Fused exact kNN in Pallas: the distance tile never leaves the chip.
+
+The XLA path writes every (block_q, block_n) score tile to memory and reads it back
+for `lax.top_k`. Here one kernel computes a tile's ranking scores
+
+  l2: ||x||^2 - 2 <q, x>        ip: -<q, x>
+
+with an f32 dot at `Precision.HIGHEST`, masks the ragged edge, and merges the tile
+into a running top-k that stays on chip, written out once per query tile. Selection
+uses only min/max/where/iota (no `lax.top_k`, no sort: neither exists inside a TPU
+kernel, and Triton has no sort). Ties keep the lower index first, as in the XLA path.
+The public wrapper (`kernels/api.py`) centres the inputs and re-scores the winners.
+
+Two selections, chosen statically from k:
+
+* k <= SMALL_K_MAX, "rounds": the running top-k is k unsorted slots per query row.
+  Each round takes every row's smallest remaining tile score (lowest column on ties)
+  and, where it beats the row's worst slot, replaces that slot and masks the entry.
+  Rounds stop as soon as no row can improve, so after the first tiles most tiles
+  cost one row-min. A final k rounds of row-min and mask sort the slots.
+* SMALL_K_MAX < k <= MAX_K, "binned" (the design of the Pallas top-k in
+  oliverdutton/tallax): the keys of a lane (column mod 128) form a bin, and each bin
+  keeps its m best in m sorted registers, updated by a vectorized sinking insertion
+  (compare and where, no reductions). At the end the k best lie among the bins'
+  top-(m-1) whenever at least k of those beat the smallest m-th entry of any bin
+  (every key outside a bin's top-(m-1) is no better than that bin's m-th entry).
+  The kernel reports this certificate per query; rows without it are recomputed by
+  the exact XLA search (`knn_xla`), inside a `lax.cond` that costs nothing when
+  every row is certified. m = 2 ceil(k/128) + 6: if the k best fall into the 128
+  bins like random balls, a bin rarely gets m - 1 of them (k <= 256: mean load <= 2,
+  m - 1 >= 7); data whose near neighbours repeat with a period dividing 128 in index
+  order can defeat it and then pays for the fallback (see the tests).
+
+Backends:
+
+* TPU (Mosaic): grid (query tiles "parallel", key tiles "arbitrary", innermost); the
+  running top-k lives in VMEM scratch. Tiles follow the (8, 128) layout: block_q is
+  rounded up to a multiple of 8, block_n to a multiple of 128; the running top-k is
+  padded to whole 128-lane rows so every store is lane-dense.
+* GPU (Triton, chosen deliberately over Mosaic GPU for the jax versions we support):
+  in jax 0.10.2 Mosaic GPU is the default Pallas GPU lowering
+  (`jax_pallas_use_mosaic_gpu` defaults to True) and the Triton lowering is on its
+  way out, but Mosaic GPU cannot run this kernel exactly: it has no `dot_general`
+  lowering for register values, and its tensor-core matmuls (`plgpu.wgmma`,
+  `tcgen05_mma`) take f32 operands as TF32, which changes the neighbours (SPEC 3);
+  it also targets Hopper and newer (and `pl.pallas_call` on it is deprecated in
+  favour of `plgpu.kernel`), while Colab mostly offers older GPUs. The Triton
+  lowering maps `Precision.HIGHEST` on f32 to `input_precision="ieee"`, is not tied
+  to Hopper, and is still shipped in jax 0.10.2; it is selected explicitly by
+  passing `pltriton.CompilerParams`. Triton has no scratch memory and no sequential
+  grid axis, so the grid runs over query tiles and a `fori_loop` walks the key tiles
+  with the running top-k in registers; only the rounds selection is used (the
+  binned registers would spill). If a jax without `jax.experimental.pallas.triton`
+  is installed, `is_supported(platform="gpu")` is False and `knn` falls back to XLA.
+* CPU: `implementation="pallas"` runs the TPU kernel in interpret mode (slow by
+  design; for tests). `is_supported` is False on CPU, so it is never the default.
+
+What was run: every path in interpret mode on CPU (the TPU kernel under both the
+generic interpreter and the TPU interpreter `pltpu.InterpretParams`, and the Triton
+kernel body under the generic interpreter), and `jax.export` lowering to Mosaic TPU
+and to Triton IR on CPU (every primitive has a lowering rule; block shapes pass the
+lowering checks), see tests/test_knn_pallas.py. Nothing was compiled or run on a TPU
+or GPU: Mosaic's layout passes, ptxas, VMEM/register budgets and the default tile
+sizes are unverified; the compiled-mode tests are marked `accelerator`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from jax.experimental import pallas as pl
+
+from resmem_jax.kernels.base import BlockSizes
+from resmem_jax.kernels.xla import knn_xla
+
+try:  # Mosaic TPU: pure Python in jax, but keep a missing piece from breaking the import.
+  from jax.experimental.pallas import tpu as pltpu
+except ImportError:  # pragma: no cover
+  pltpu = None
+try:  # Triton: the Pallas GPU lowering we use (see the module docstring).
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+  pltriton = None
+
+HIGHEST = lax.Precision.HIGHEST
+LANES = 128
+SUBLANES = 8
+SMALL_K_MAX = 32  # rounds selection up to here, binned selection above
+MAX_K = 256  # the binned registers, m * 128 lanes per row, must stay small in VMEM
+GPU_MAX_K = 32  # Triton keeps the running top-k in registers
+TPU_MAX_DIM = 4096  # a (block_n, D) f32 key tile, double-buffered, must fit in VMEM
+GPU_MAX_DIM = 256  # a (block_n, D) key tile lives in registers
+_INT_MAX = np.iinfo(np.int32).max
+_NT = (((1,), (1,)), ((), ()))  # q @ x.T without materializing the transpose
+
+
+def default_block_sizes(platform: str, k: int, dim: int) -> BlockSizes:
+  """Starting tiles per platform (not yet tuned on hardware: none was available).
+
+  TPU: 128 query rows fill the MXU's rows; 512 keys keep the score tile at 256 KiB of
+  VMEM; the key tile shrinks with D so that it stays near 2 MiB. GPU (Triton): tiles
+  small enough for the score tile and both operand tiles to sit in registers. CPU
+  (interpret mode): few, large grid steps, since each step is interpreted.
+  """
+  del k
+  if platform == "tpu":
+    block_n = max(LANES, min(512, (1 << 19) // max(dim, 1) // LANES * LANES))
+    return BlockSizes(block_q=128, block_n=block_n, chunk=0)
+  if platform == "gpu":
+    if dim <= 64:
+      return BlockSizes(block_q=64, block_n=64, chunk=0)
+    return BlockSizes(block_q=32, block_n=32, chunk=0)
+  return BlockSizes(block_q=64, block_n=512, chunk=0)
+
+
+def is_supported(*, k: int, dim: int, dtype, platform: str) -> bool:
+  """Whether the compiled kernel handles this problem on `platform` ("tpu" or "gpu").
+
+  Inputs are searched in float32 (bfloat16/float16 are promoted, float64 is not
+  supported). False on CPU: there the kernel only runs in interpret mode.
+  """
+  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    return False
+  if k < 1 or dim < 1:
+    return False
+  if platform == "tpu":
+    return pltpu is not None and k <= MAX_K and dim <= TPU_MAX_DIM
+  if platform == "gpu":
+    return pltriton is not None and k <= GPU_MAX_K and dim <= GPU_MAX_DIM
+  return False
+
+
+def binned_depth(k: int) -> int:
+  """Registers per lane bin, m: the certificate uses the top-(m-1) of each bin."""
+  return 2 * pl.cdiv(k, LANES) + 6
+
+
+# --------------------------------------------------------------------------------------
+# Selection from min/max/where only, on values (shared by the TPU and Triton kernels).
+
+
+def _row_any(mask) -> jax.Array:
+  """Scalar: whether any entry of a 2-D boolean mask is set (one axis at a time:
+  Triton reduces a single axis per op)."""
+  return jnp.max(jnp.max(mask.astype(jnp.int32), axis=1), axis=0) > 0
+
+
+def _tile_scores(q, x, x_sq, col0, n: int, metric: str):
+  """Ranking scores of one tile, +inf past the last key, and their global columns."""
+  dots = lax.dot_general(q, x, _NT, precision=HIGHEST, preferred_element_type=jnp.float32)
+  scores = -dots if metric == "ip" else x_sq - 2.0 * dots
+  cols = col0 + lax.broadcasted_iota(jnp.int32, (1, scores.shape[1]), 1)
+  # Out-of-range columns hold whatever the padded tile held (possibly NaN): replace,
+  # never combine arithmetically.
+  return jnp.where(cols < n, scores, jnp.inf), cols
+
+
+def _empty_slots(rows: int, slots: int, k: int):
+  """Running top-k: slots < k start empty (+inf, distinct indices above any key);
+  slots >= k are disabled (-inf, never the worst, so never replaced)."""
+  lane = lax.broadcasted_iota(jnp.int32, (rows, slots), 1)
+  values = jnp.where(lane < k, jnp.inf, -jnp.inf).astype(jnp.float32)
+  indices = jnp.where(lane < k, _INT_MAX - lane, -1)
+  return values, indices
+
+
+def merge_rounds(scores, cols, best, best_idx):
+  """Merges a tile into the running top-k slots, one entry per row per round.
+
+  A round takes each row's smallest remaining score (lowest column among equals); if
+  it is below the row's worst slot it replaces that slot (the highest index among
+  equal worst values) and is masked. Tiles come in column order, so a tile entry that
+  merely equals the worst value has the higher index and rightly loses. The loop ends
+  when no row's minimum beats its worst slot: at most k rounds, often none.
+  """
+
+  def worst(best):
+    return jnp.max(best, axis=1, keepdims=True)
+
+  def cond(carry):
+    _, best, _, tile_min = carry
+    return _row_any(tile_min < worst(best))
+
+  def body(carry):
+    scores, best, best_idx, tile_min = carry
+    w = worst(best)
+    w_idx = jnp.max(jnp.where(best == w, best_idx, -2), axis=1, keepdims=True)
+    col = jnp.min(jnp.where(scores == tile_min, cols, _INT_MAX), axis=1, keepdims=True)
+    replace = (tile_min < w) & (best_idx == w_idx)
+    best = jnp.where(replace, tile_min, best)
+    best_idx = jnp.where(replace, col, best_idx)
+    scores = jnp.where(cols == col, jnp.inf, scores)
+    return scores, best, best_idx, jnp.min(scores, axis=1, keepdims=True)
+
+  init = (scores, best, best_idx, jnp.min(scores, axis=1, keepdims=True))
+  _, best, best_idx, _ = lax.while_loop(cond, body, init)
+  return best, best_idx
+
+
+def extract_sorted(values, indices, k: int, width: int):
+  """The k smallest (value, index) pairs of each row, ascending, by k rounds of
+  row-min and mask; returned in `width` lanes (lanes >= k hold +inf and -1)."""
+  rows = values.shape[0]
+  lane = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+
+  def body(r, carry):
+    values, out, out_idx = carry
+    v = jnp.min(values, axis=1, keepdims=True)
+    i = jnp.min(jnp.where(values == v, indices, _INT_MAX), axis=1, keepdims=True)
+    out = jnp.where(lane == r, v, out)
+    out_idx = jnp.where(lane == r, i, out_idx)
+    return jnp.where(indices == i, jnp.inf, values), out, out_idx
+
+  init = (values, jnp.full((rows, width), jnp.inf, jnp.float32),
+          jnp.full((rows, width), -1, jnp.int32))
+  _, out, out_idx = lax.fori_loop(0, k, body, init)
+  return out, out_idx
+
+
+def sink_into_bins(bubble, bubble_idx, regs, regs_idx):
+  """Inserts one (rows, 128) chunk into per-lane sorted registers (a sinking insert).
+
+  Every entry of a lane arrives with a higher index than those stored, so it goes
+  before the first register it is strictly below; from there each register takes the
+  one above it (`taken` stays set down the chain). Lists of m (rows, 128) arrays.
+  """
+  taken = jnp.zeros(bubble.shape, jnp.bool_)
+  for i in range(len(regs)):
+    taken = taken | (bubble < regs[i])
+    regs[i], bubble = jnp.where(taken, bubble, regs[i]), jnp.where(taken, regs[i], bubble)
+    regs_idx[i], bubble_idx = (jnp.where(taken, bubble_idx, regs_idx[i]),
+                               jnp.where(taken, regs_idx[i], bubble_idx))
+  return regs, regs_idx
+
+
+def certify_and_extract(regs, regs_idx, k: int, width: int):
+  """The k best from the bins' top-(m-1), and whether they are provably the k best.
+
+  Pivot P = the smallest m-th entry over all bins, as a (value, index) pair. Every key
+  outside its bin's top-(m-1) is >= its bin's m-th entry >= P, so if at least k
+  entries of the top-(m-1) are strictly below P, they contain the k best.
+  """
+  last, last_idx = regs[-1], regs_idx[-1]
+  p = jnp.min(last, axis=1, keepdims=True)
+  p_idx = jnp.min(jnp.where(last == p, last_idx, _INT_MAX), axis=1, keepdims=True)
+  values = jnp.concatenate(regs[:-1], axis=1)
+  indices = jnp.concatenate(regs_idx[:-1], axis=1)
+  below = (values < p) | ((values == p) & (indices < p_idx))
+  certified = jnp.sum(below.astype(jnp.int32), axis=1, keepdims=True) >= k
+  out, out_idx = extract_sorted(values, indices, k, width)
+  return out, out_idx, certified.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------
+# TPU kernels (Mosaic; also what CPU interpret mode runs).
+
+
+def _rounds_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, best_ref, best_idx_ref, *,
+                   k: int, n: int, metric: str):
+  j = pl.program_id(1)
+  block_n = x_ref.shape[0]
+
+  @pl.when(j == 0)
+  def _():
+    best_ref[...], best_idx_ref[...] = _empty_slots(*best_ref.shape, k)
+
+  scores, cols = _tile_scores(q_ref[...], x_ref[...], x_sq_ref[...], j * block_n, n, metric)
+  best_ref[...], best_idx_ref[...] = merge_rounds(scores, cols, best_ref[...],
+                                                  best_idx_ref[...])
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _():
+    best = best_ref[...]
+    lane = lax.broadcasted_iota(jnp.int32, best.shape, 1)
+    out_ref[...], out_idx_ref[...] = extract_sorted(
+        jnp.where(lane < k, best, jnp.inf), best_idx_ref[...], k, out_ref.shape[1])
+
+
+def _binned_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, ok_ref, regs_ref,
+                   regs_idx_ref, *, k: int, n: int, metric: str, depth: int):
+  j = pl.program_id(1)
+  block_n = x_ref.shape[0]
+  bins = [pl.ds(i * LANES, LANES) for i in range(depth)]
+
+  @pl.when(j == 0)
+  def _():
+    regs_ref[...] = jnp.full(regs_ref.shape, jnp.inf, jnp.float32)
+    regs_idx_ref[...] = jnp.full(regs_idx_ref.shape, _INT_MAX, jnp.int32)
+
+  scores, cols = _tile_scores(q_ref[...], x_ref[...], x_sq_ref[...], j * block_n, n, metric)
+  chunks = [slice(c * LANES, (c + 1) * LANES) for c in range(block_n // LANES)]
+  # Exact skip: a tile with no entry below its lane's m-th best changes no bin.
+  last = regs_ref[:, bins[-1]]
+  hit = functools.reduce(jnp.logical_or, [scores[:, c] < last for c in chunks])
+
+  @pl.when(_row_any(hit))
+  def _():
+    regs = [regs_ref[:, b] for b in bins]
+    regs_idx = [regs_idx_ref[:, b] for b in bins]
+    for c in chunks:
+      col = jnp.broadcast_to(cols[:, c], regs_idx[0].shape)
+      regs, regs_idx = sink_into_bins(scores[:, c], col, regs, regs_idx)
+    for b, r, ri in zip(bins, regs, regs_idx):
+      regs_ref[:, b] = r
+      regs_idx_ref[:, b] = ri
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _():
+    regs = [regs_ref[:, b] for b in bins]
+    regs_idx = [regs_idx_ref[:, b] for b in bins]
+    out_ref[...], out_idx_ref[...], ok = certify_and_extract(regs, regs_idx, k,
+                                                             out_ref.shape[1])
+    ok_ref[...] = ok
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _pad_rows(x, rows: int):
+  return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+
+
+def _knn_tpu(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interpret):
+  n_q, dim = queries.shape
+  n = keys.shape[0]
+  block_q = min(_round_up(block_sizes.block_q, SUBLANES), _round_up(n_q, SUBLANES))
+  block_n = min(_round_up(block_sizes.block_n, LANES), _round_up(n, LANES))
+  # Arrays smaller than one tile are padded (a copy of less than one tile); larger
+  # ones get a ragged last tile that the kernel masks, without a padded copy.
+  queries = _pad_rows(queries, block_q)
+  keys = _pad_rows(keys, block_n)
+  x_sq = jnp.sum(keys * keys, axis=1)[None, :]
+  width = _round_up(k, LANES)
+  grid = (pl.cdiv(queries.shape[0], block_q), pl.cdiv(keys.shape[0], block_n))
+  in_specs = [
+      pl.BlockSpec((block_q, dim), lambda i, j: (i, 0)),
+      pl.BlockSpec((block_n, dim), lambda i, j: (j, 0)),
+      pl.BlockSpec((1, block_n), lambda i, j: (0, j)),
+  ]
+  row_spec = pl.BlockSpec((block_q, width), lambda i, j: (i, 0))
+  out_shape = [jax.ShapeDtypeStruct((queries.shape[0], width), jnp.float32),
+               jax.ShapeDtypeStruct((queries.shape[0], width), jnp.int32)]
+  if k <= SMALL_K_MAX:
+    kernel = functools.partial(_rounds_kernel, k=k, n=n, metric=metric)
+    out_specs = [row_spec, row_spec]
+    scratch = [pltpu.VMEM((block_q, width), jnp.float32),
+               pltpu.VMEM((block_q, width), jnp.int32)]
+  else:
+    depth = binned_depth(k)
+    kernel = functools.partial(_binned_kernel, k=k, n=n, metric=metric, depth=depth)
+    out_specs = [row_spec, row_spec, pl.BlockSpec((block_q, 1), lambda i, j: (i, 0))]
+    out_shape.append(jax.ShapeDtypeStruct((queries.shape[0], 1), jnp.int32))
+    scratch = [pltpu.VMEM((block_q, depth * LANES), jnp.float32),
+               pltpu.VMEM((block_q, depth * LANES), jnp.int32)]
+  outs = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      scratch_shapes=scratch,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      interpret=interpret,
+      name="knn_pallas_tpu",
+  )(queries, keys, x_sq)
+  outs = [o[:n_q, :k] for o in outs[:2]] + [o[:n_q] for o in outs[2:]]
+  return outs
+
+
+# --------------------------------------------------------------------------------------
+# GPU kernel (Triton).
+
+
+def _triton_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, *, k: int, n: int,
+                   dim: int, block_n: int, metric: str):
+  block_q, dim_p = q_ref.shape
+  dim_mask = lax.broadcasted_iota(jnp.int32, (1, dim_p), 1) < dim
+  # The operand tiles are padded to powers of two (Triton's shapes); masked loads
+  # read zeros there, which change neither dots nor norms.
+  q = pltriton.load(q_ref, mask=dim_mask, other=0.0)
+
+  def body(t, carry):
+    best, best_idx = carry
+    start = t * block_n
+    rows = start + lax.broadcasted_iota(jnp.int32, (block_n, 1), 0)
+    x = pltriton.load(x_ref.at[pl.ds(start, block_n), :], mask=(rows < n) & dim_mask,
+                      other=0.0)
+    x_sq = pltriton.load(x_sq_ref.at[:, pl.ds(start, block_n)],
+                         mask=(rows.reshape(1, block_n) < n), other=0.0)
+    scores, cols = _tile_scores(q, x, x_sq, start, n, metric)
+    return merge_rounds(scores, cols, best, best_idx)
+
+  width = out_ref.shape[1]
+  init = _empty_slots(block_q, width, k)
+  best, best_idx = lax.fori_loop(0, pl.cdiv(n, block_n), body, init)
+  lane = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+  out, out_idx = extract_sorted(jnp.where(lane < k, best, jnp.inf), best_idx, k, width)
+  out_ref[...] = out
+  out_idx_ref[...] = out_idx
+
+
+def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interpret):
+  n_q, dim = queries.shape
+  n = keys.shape[0]
+  # Triton needs power-of-two shapes and at least 16 along each dot dimension.
+  block_q = max(16, pl.next_power_of_2(min(block_sizes.block_q, n_q)))
+  block_n = max(16, pl.next_power_of_2(min(block_sizes.block_n, n)))
+  dim_p = max(16, pl.next_power_of_2(dim))
+  width = max(2, pl.next_power_of_2(k))
+  # Padding the queries to whole tiles copies fewer than block_q rows.
+  queries = _pad_rows(queries, _round_up(n_q, block_q))
+  x_sq = jnp.sum(keys * keys, axis=1)[None, :]
+  kernel = functools.partial(_triton_kernel, k=k, n=n, dim=dim, block_n=block_n,
+                             metric=metric)
+  out, out_idx = pl.pallas_call(
+      kernel,
+      grid=(queries.shape[0] // block_q,),
+      in_specs=[
+          pl.BlockSpec((block_q, dim_p), lambda i: (i, 0)),
+          pl.BlockSpec((n, dim_p), lambda i: (0, 0)),
+          pl.BlockSpec((1, n), lambda i: (0, 0)),
+      ],
+      out_specs=[pl.BlockSpec((block_q, width), lambda i: (i, 0))] * 2,
+      out_shape=[jax.ShapeDtypeStruct((queries.shape[0], width), jnp.float32),
+                 jax.ShapeDtypeStruct((queries.shape[0], width), jnp.int32)],
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="knn_pallas_triton",
+  )(queries, keys, x_sq)
+  return out[:n_q, :k], out_idx[:n_q, :k]
+
+
+# --------------------------------------------------------------------------------------
+# Entry point (registered in kernels/api.py as implementation "pallas").
+
+
+def knn_pallas(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
+               metric: str = "l2", block_sizes: BlockSizes | None = None,
+               backend: str | None = None, interpret=None
+               ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"]]:
+  """Ranking scores and int32 indices of the k best keys per query, ascending.
+
+  Takes the centred inputs of the public wrapper `knn` and returns its ranking scores
+  (l2: ||x||^2 - 2 <q, x>; ip: -<q, x>), equal scores lower index first.
+
+  Args:
+    queries: (Q, D) float32 (bfloat16/float16 are promoted).
+    keys: (N, D), same dtype.
+    k: 1 <= k <= min(N, MAX_K); on the Triton backend k <= GPU_MAX_K.
+    metric: "l2" or "ip".
+    block_sizes: tiles; `default_block_sizes(platform, k, D)` if None. `chunk` is not
+      used (the kernel's selection needs no chunk pruning).
+    backend: "tpu" (Mosaic TPU kernel) or "triton" (GPU kernel); None picks "triton"
+      on GPU and "tpu" elsewhere (interpreted on CPU).
+    interpret: passed to `pallas_call`; None interprets exactly when on CPU.
+
+  Returns:
+    (scores (Q, k) float32, indices (Q, k) int32).
+
+  Raises:
+    ValueError: float64 inputs, or k beyond the kernel's maximum.
+  """
+  platform = jax.default_backend()
+  if backend is None:
+    backend = "triton" if platform == "gpu" else "tpu"
+  if interpret is None:
+    interpret = platform == "cpu"
+  dtype = jnp.promote_types(queries.dtype, jnp.float32)
+  if dtype != jnp.float32:
+    raise ValueError(f"the Pallas kNN kernel searches float32, got dtype={dtype}; "
+                     "use implementation='xla' for float64")
+  max_k = GPU_MAX_K if backend == "triton" else MAX_K
+  if not 1 <= k <= max_k:
+    raise ValueError(f"{k=} must be in [1, {max_k}] for the Pallas kNN kernel "
+                     f"({backend=}); use implementation='xla'")
+  queries = queries.astype(jnp.float32)
+  keys = keys.astype(jnp.float32)
+  if block_sizes is None:
+    block_sizes = default_block_sizes("gpu" if backend == "triton" else platform, k,
+                                      queries.shape[1])
+  if backend == "triton":
+    return _knn_triton(queries, keys, k, metric, block_sizes, interpret)
+  outs = _knn_tpu(queries, keys, k, metric, block_sizes, interpret)
+  if len(outs) == 2:
+    return tuple(outs)
+  scores, indices, certified = outs
+  certified = certified[:, 0] > 0
+
+  def fallback(_):
+    # Exact, and only run when some row's bins could not certify their top-k.
+    exact, exact_idx = knn_xla(queries, keys, k, metric=metric)
+    return (jnp.where(certified[:, None], scores, exact),
+            jnp.where(certified[:, None], indices, exact_idx))
+
+  return lax.cond(jnp.all(certified), lambda _: (scores, indices), fallback, None)

@@ -1,0 +1,226 @@
+"""The public `knn` wrapper: input validation, query buckets, and compile-cache reuse."""
+
+from __future__ import annotations
+
+import re
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resmem_jax
+from resmem_jax.kernels import IMPLEMENTATIONS, BlockSizes, query_bucket
+from resmem_jax.kernels import api
+from resmem_jax.kernels.xla import knn_xla
+
+
+def _data(n_q=5, n=20, dim=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((n_q, dim)).astype(np.float32),
+          rng.standard_normal((n, dim)).astype(np.float32))
+
+
+def _raises(error, *fragments):
+  """pytest.raises whose message must contain every fragment (argument name, value)."""
+  return pytest.raises(error, match=".*".join(re.escape(f) for f in fragments))
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: every case names the argument and the offending value.
+
+
+@pytest.mark.parametrize("name", ["queries", "keys"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values(name, bad):
+  queries, keys = _data()
+  arrays = {"queries": queries, "keys": keys}
+  arrays[name][2, 1] = bad
+  with _raises(ValueError, f"{name} must be finite", f"{name}[2, 1]={bad}"):
+    resmem_jax.knn(arrays["queries"], arrays["keys"], 3)
+
+
+def test_non_finite_jax_array():
+  queries, keys = _data()
+  keys = jnp.asarray(keys).at[4, 0].set(jnp.nan)
+  with _raises(ValueError, "keys", "keys[4, 0]=nan"):
+    resmem_jax.knn(queries, keys, 3)
+
+
+@pytest.mark.parametrize("k", [0, -1, 21])
+def test_k_out_of_range(k):
+  queries, keys = _data(n=20)
+  with _raises(ValueError, "k", "<= 20", f"k={k}"):
+    resmem_jax.knn(queries, keys, k)
+
+
+@pytest.mark.parametrize("k", [2.0, "3", None, True, np.float32(2)])
+def test_k_not_int(k):
+  queries, keys = _data()
+  with _raises(TypeError, "k must be an int", f"k={k!r}"):
+    resmem_jax.knn(queries, keys, k)
+
+
+def test_numpy_int_k_is_accepted():
+  queries, keys = _data()
+  assert resmem_jax.knn(queries, keys, np.int64(3)).indices.shape == (5, 3)
+
+
+def test_mismatched_dimension():
+  queries, keys = _data(dim=3)
+  with _raises(ValueError, "queries.shape=(5, 3)", "keys.shape=(20, 4)"):
+    resmem_jax.knn(queries, np.zeros((20, 4), np.float32), 3)
+
+
+@pytest.mark.parametrize("name", ["queries", "keys"])
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 4), ()])
+def test_wrong_rank(name, shape):
+  queries, keys = _data()
+  arrays = {"queries": queries, "keys": keys}
+  arrays[name] = np.zeros(shape, np.float32)
+  with _raises(ValueError, f"{name} must be", f"{name}.shape={shape}"):
+    resmem_jax.knn(arrays["queries"], arrays["keys"], 1)
+
+
+def test_empty_keys():
+  queries, _ = _data()
+  with _raises(ValueError, "keys", "keys.shape=(0, 3)"):
+    resmem_jax.knn(queries, np.zeros((0, 3), np.float32), 1)
+
+
+@pytest.mark.parametrize("name", ["queries", "keys"])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.uint8])
+def test_non_floating_dtype(name, dtype):
+  queries, keys = _data()
+  arrays = {"queries": queries, "keys": keys}
+  arrays[name] = arrays[name].astype(dtype)
+  with _raises(TypeError, f"{name} must have a floating dtype", f"{name}.dtype={np.dtype(dtype)}"):
+    resmem_jax.knn(arrays["queries"], arrays["keys"], 1)
+
+
+def test_ragged_list_input():
+  _, keys = _data()
+  with _raises(TypeError, "queries must be an array"):
+    resmem_jax.knn([[1.0, 2.0, 3.0], [1.0]], keys, 1)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "L2", None])
+def test_unknown_metric(metric):
+  queries, keys = _data()
+  with _raises(ValueError, "metric must be one of", "'l2'", "'ip'", f"metric={metric!r}"):
+    resmem_jax.knn(queries, keys, 1, metric=metric)
+
+
+@pytest.mark.parametrize("implementation", ["faiss", "XLA", ""])
+def test_unknown_implementation(implementation):
+  queries, keys = _data()
+  with _raises(ValueError, "implementation must be one of", "'xla'",
+               f"implementation={implementation!r}"):
+    resmem_jax.knn(queries, keys, 1, implementation=implementation)
+
+
+@pytest.mark.skipif("pallas" in IMPLEMENTATIONS, reason="the Pallas kernel is installed here")
+def test_unavailable_pallas_names_the_alternatives():
+  queries, keys = _data()
+  with _raises(ValueError, "implementation='pallas'", "not available", "'reference'", "'xla'"):
+    resmem_jax.knn(queries, keys, 1, implementation="pallas")
+
+
+def test_block_sizes_type():
+  queries, keys = _data()
+  with _raises(TypeError, "block_sizes must be a BlockSizes", "(8, 64)"):
+    resmem_jax.knn(queries, keys, 1, block_sizes=(8, 64))
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(block_q=0), "BlockSizes.block_q must be a positive int, got 0"),
+    (dict(block_n=2.5), "BlockSizes.block_n must be a positive int, got 2.5"),
+    (dict(chunk=-1), "BlockSizes.chunk must be a non-negative int, got -1"),
+    (dict(block_n=100, chunk=32), "BlockSizes.block_n=100 must be a multiple of chunk=32"),
+])
+def test_bad_block_sizes(kwargs, fragment):
+  with _raises(ValueError, fragment):
+    BlockSizes(**kwargs)
+
+
+def test_bad_input_raises_before_compiling(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError("the search ran on bad input")
+
+  monkeypatch.setitem(IMPLEMENTATIONS, "xla", fail)
+  queries, keys = _data()
+  keys[0, 0] = np.nan
+  with pytest.raises(ValueError):
+    resmem_jax.knn(queries, keys, 1, implementation="xla")
+
+
+# --------------------------------------------------------------------------------------
+# Shapes and dispatch.
+
+
+@pytest.mark.parametrize("implementation", [None, "reference", "xla"])
+def test_zero_queries(implementation):
+  _, keys = _data()
+  result = resmem_jax.knn(np.zeros((0, 3), np.float32), keys, 4, implementation=implementation)
+  assert result.distances.shape == (0, 4) and result.distances.dtype == jnp.float32
+  assert result.indices.shape == (0, 4) and result.indices.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("n_q,n", [(5, 20), (300, 700)])
+def test_default_implementation_agrees_with_explicit_ones(n_q, n):
+  queries, keys = _data(n_q=n_q, n=n, dim=6, seed=n)
+  default = resmem_jax.knn(queries, keys, 5)
+  for implementation in ("reference", "xla"):
+    explicit = resmem_jax.knn(queries, keys, 5, implementation=implementation)
+    np.testing.assert_array_equal(np.asarray(default.indices), np.asarray(explicit.indices))
+    np.testing.assert_allclose(np.asarray(default.distances), np.asarray(explicit.distances),
+                               rtol=1e-6)
+
+
+def test_accepts_lists_and_jax_arrays():
+  queries, keys = _data()
+  from_lists = resmem_jax.knn(queries.tolist(), keys.tolist(), 2)
+  from_jax = resmem_jax.knn(jnp.asarray(queries), jnp.asarray(keys), 2)
+  np.testing.assert_array_equal(np.asarray(from_lists.indices), np.asarray(from_jax.indices))
+
+
+# --------------------------------------------------------------------------------------
+# Query buckets and the compile cache.
+
+
+def test_query_bucket_properties():
+  sizes = np.arange(1, 1 << 15)
+  buckets = np.array([query_bucket(int(n)) for n in sizes])
+  assert np.all(buckets >= sizes)
+  assert np.all(np.diff(buckets) >= 0), "query_bucket is not monotone"
+  assert np.all(buckets % 8 == 0)
+  small = sizes <= 8
+  assert np.all(buckets[small] == 8)
+  # At most 25% padding, or fewer than 8 rows: buckets are multiples of 8 so that
+  # query tiles of 8 rows divide them.
+  padding = buckets - sizes
+  assert np.all((padding <= 0.25 * sizes) | (padding < 8))
+  assert np.all(padding[sizes >= 32] <= 0.25 * sizes[sizes >= 32])
+  # Few distinct compiled shapes: at most 4 per doubling of Q.
+  assert len(np.unique(buckets)) <= 4 * 15 + 1
+  # A bucket is its own bucket: a padded batch never pads again.
+  assert all(query_bucket(int(b)) == b for b in np.unique(buckets))
+
+
+def test_no_recompilation_within_a_bucket(monkeypatch):
+  traced = chex.assert_max_traces(knn_xla, n=1)
+  monkeypatch.setitem(IMPLEMENTATIONS, "xla", traced)
+  # A BlockSizes value no other test uses: the jit cache starts cold for it.
+  block_sizes = BlockSizes(block_q=8, block_n=72, chunk=9)
+  rng = np.random.default_rng(0)
+  keys = rng.standard_normal((300, 4)).astype(np.float32)
+  for n_q in (9, 12, 16):  # all pad to query_bucket(...) == 16
+    assert query_bucket(n_q) == 16
+    queries = rng.standard_normal((n_q, 4)).astype(np.float32)
+    result = resmem_jax.knn(queries, keys, 3, implementation="xla", block_sizes=block_sizes)
+    expected = resmem_jax.knn(queries, keys, 3, implementation="reference")
+    np.testing.assert_array_equal(np.asarray(result.indices), np.asarray(expected.indices))
+  # The counter has teeth: the next bucket is a new shape and must trace again.
+  with pytest.raises(AssertionError, match="traced > 1"):
+    resmem_jax.knn(rng.standard_normal((17, 4)).astype(np.float32), keys, 3,
+                   implementation="xla", block_sizes=block_sizes)

@@ -1,0 +1,273 @@
+"""The Pallas kNN kernel: contract suite in interpret mode, selection invariants,
+the TPU interpreter, the Triton kernel body, lowering for TPU and GPU, and
+compiled-mode checks that only run on an accelerator.
+
+Interpret mode is slow by design, so tiles are small (which also makes every search
+cross several key tiles with a ragged last one) and the heavier interpreters (the
+TPU interpreter, the Triton body) run a handful of direct cases, not the whole suite.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from knn_contract import KnnContract, check_result, integer_data, oracle, random_data
+
+import resmem_jax
+from resmem_jax.kernels import BlockSizes, api
+from resmem_jax.kernels import pallas_knn as pk
+
+pltpu = pk.pltpu
+
+# Several query tiles and key tiles on the contract's shapes, within the (8, 128) layout.
+SMALL = BlockSizes(block_q=16, block_n=256, chunk=0)
+
+
+def expected_order(queries, keys, metric="l2"):
+  """float64 oracle order (equal scores lower index first) and the rounding tolerance."""
+  ref = oracle(queries, keys, metric)
+  return ref.order, np.take_along_axis(ref.scores, ref.order, axis=1), ref.tol
+
+
+def centred(queries, keys, metric):
+  if metric == "ip":
+    return jnp.asarray(queries), jnp.asarray(keys)
+  mean = keys.mean(axis=0)
+  return jnp.asarray(queries - mean), jnp.asarray(keys - mean)
+
+
+def assert_kernel_exact(indices, queries, keys, k, metric="l2", exact_ties=False):
+  """Raw kernel indices against the float64 order (separated ranks, or all on ties)."""
+  order, sorted_scores, tol = expected_order(queries, keys, metric)
+  indices = np.asarray(indices)
+  assert indices.shape == (queries.shape[0], k) and indices.dtype == np.int32
+  if exact_ties:
+    np.testing.assert_array_equal(indices, order[:, :k])
+    return
+  gaps = np.diff(sorted_scores, axis=1)
+  sep = np.ones((queries.shape[0], k), bool)
+  sep[:, 1:] &= gaps[:, :k - 1] > tol
+  sep[:, :min(k, keys.shape[0] - 1)] &= gaps[:, :min(k, keys.shape[0] - 1)] > tol
+  assert sep.mean() > 0.5, "test data too degenerate to check indices"
+  np.testing.assert_array_equal(np.where(sep, indices, -1), np.where(sep, order[:, :k], -1))
+
+
+# --------------------------------------------------------------------------------------
+# The contract suite, Mosaic-TPU kernel in interpret mode on CPU.
+
+
+class TestPallasInterpret(KnnContract):
+  IMPLEMENTATION = "pallas"
+  BLOCK_SIZES = SMALL
+
+
+@pytest.mark.parametrize("k", [5, 70])  # one case per selection path
+def test_default_tiles(k):
+  """Default tiles: one key tile larger than N (padded, not ragged)."""
+  queries, keys = random_data(20, 30, 700, 9)
+  check_result(resmem_jax.knn(queries, keys, k, implementation="pallas"), queries, keys, k)
+
+
+# --------------------------------------------------------------------------------------
+# The selection helpers on plain arrays (no Pallas): exact against a sort.
+
+
+def lexsorted(values, indices, k):
+  order = np.lexsort((indices, values), axis=1)[:, :k]
+  return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
+
+
+@pytest.mark.parametrize("k", [1, 4, 13])
+def test_merge_rounds_then_extract_equals_sort(k):
+  rng = np.random.default_rng(k)
+  rows, block_n, n_tiles = 8, 32, 5
+  # Few distinct values: many ties across and within tiles.
+  scores = rng.integers(0, 6, size=(rows, block_n * n_tiles)).astype(np.float32)
+  best, best_idx = pk._empty_slots(rows, 16, k)
+  for t in range(n_tiles):
+    cols = t * block_n + jnp.arange(block_n, dtype=jnp.int32)[None, :]
+    best, best_idx = pk.merge_rounds(jnp.asarray(scores[:, t * block_n:(t + 1) * block_n]),
+                                     cols, best, best_idx)
+  lane = jnp.arange(16)[None, :]
+  out, out_idx = pk.extract_sorted(jnp.where(lane < k, best, jnp.inf), best_idx, k, 16)
+  want, want_idx = lexsorted(scores, np.broadcast_to(np.arange(scores.shape[1]), scores.shape), k)
+  np.testing.assert_array_equal(np.asarray(out)[:, :k], want)
+  np.testing.assert_array_equal(np.asarray(out_idx)[:, :k], want_idx)
+  np.testing.assert_array_equal(np.asarray(out_idx)[:, k:], -1)
+
+
+@pytest.mark.parametrize("spread", [True, False])
+def test_bins_certificate_is_sound(spread):
+  """Certified rows hold exactly the k best; clustering the best in one lane breaks
+  the certificate (and must be reported, not hidden)."""
+  rng = np.random.default_rng(0)
+  rows, n, k, depth = 8, 128 * 20, 40, pk.binned_depth(40)
+  scores = rng.standard_normal((rows, n)).astype(np.float32)
+  if not spread:  # the 40 best of every row sit in lane 3
+    scores[:, 3::128] -= 100.0
+  regs = [jnp.full((rows, 128), jnp.inf)] * depth
+  regs_idx = [jnp.full((rows, 128), np.iinfo(np.int32).max, jnp.int32)] * depth
+  for c in range(n // 128):
+    cols = jnp.broadcast_to(c * 128 + jnp.arange(128, dtype=jnp.int32), (rows, 128))
+    regs, regs_idx = pk.sink_into_bins(jnp.asarray(scores[:, c * 128:(c + 1) * 128]), cols,
+                                       list(regs), list(regs_idx))
+  out, out_idx, ok = pk.certify_and_extract(regs, regs_idx, k, 128)
+  ok = np.asarray(ok)[:, 0] > 0
+  want, want_idx = lexsorted(scores, np.broadcast_to(np.arange(n), scores.shape), k)
+  assert ok.all() == spread and (spread or not ok.any())
+  np.testing.assert_array_equal(np.asarray(out_idx)[ok, :k], want_idx[ok])
+  np.testing.assert_array_equal(np.asarray(out)[ok, :k], want[ok])
+
+
+def test_binned_kernel_certifies_random_data_and_falls_back_exactly():
+  """The fast path is what runs on ordinary data; the fallback is exact when it runs."""
+  queries, keys = random_data(21, 24, 1500, 6)
+  q, x = centred(queries, keys, "l2")
+  _, idx, ok = pk._knn_tpu(q, x, 64, "l2", SMALL, interpret=True)
+  assert np.asarray(ok).all()
+  assert_kernel_exact(idx, queries, keys, 64)
+
+  # Keys 0, 128, 256, ... are the nearest to every query: lane 0 holds 12 of the 64
+  # best, more than its depth - 1 registers, so no row can be certified.
+  queries = 1e-2 * queries
+  keys = keys.copy()
+  keys[::128] = 1e-3 * keys[::128]
+  q, x = centred(queries, keys, "l2")
+  _, _, ok = pk._knn_tpu(q, x, 64, "l2", SMALL, interpret=True)
+  assert not np.asarray(ok).any()
+  _, idx = jax.jit(functools.partial(pk.knn_pallas, k=64, metric="l2", block_sizes=SMALL))(q, x)
+  assert_kernel_exact(idx, queries, keys, 64)
+
+
+def test_k_at_the_kernel_maximum():
+  queries, keys = random_data(22, 9, 700, 5)
+  result = resmem_jax.knn(queries, keys, pk.MAX_K, implementation="pallas",
+                          block_sizes=SMALL)
+  check_result(result, queries, keys, pk.MAX_K)
+
+
+def test_k_above_the_maximum_raises():
+  queries, keys = random_data(23, 8, pk.MAX_K + 10, 3)
+  with pytest.raises(ValueError, match="must be in"):
+    resmem_jax.knn(queries, keys, pk.MAX_K + 1, implementation="pallas")
+
+
+def test_float64_inputs_raise():
+  with jax.enable_x64(True):
+    q = jnp.zeros((8, 3), jnp.float64)
+    with pytest.raises(ValueError, match="float32"):
+      pk.knn_pallas(q, q, 1)
+
+
+def test_is_supported():
+  assert pk.is_supported(k=10, dim=64, dtype=jnp.float32, platform="tpu")
+  assert pk.is_supported(k=pk.MAX_K, dim=64, dtype=jnp.bfloat16, platform="tpu")
+  assert not pk.is_supported(k=pk.MAX_K + 1, dim=64, dtype=jnp.float32, platform="tpu")
+  assert not pk.is_supported(k=10, dim=64, dtype=jnp.float64, platform="tpu")
+  assert pk.is_supported(k=pk.GPU_MAX_K, dim=128, dtype=jnp.float32, platform="gpu")
+  assert not pk.is_supported(k=pk.GPU_MAX_K + 1, dim=128, dtype=jnp.float32, platform="gpu")
+  assert not pk.is_supported(k=10, dim=pk.GPU_MAX_DIM + 1, dtype=jnp.float32, platform="gpu")
+  assert not pk.is_supported(k=10, dim=64, dtype=jnp.float32, platform="cpu")
+  assert api.IMPLEMENTATIONS["pallas"] is pk.knn_pallas
+
+
+# --------------------------------------------------------------------------------------
+# The TPU interpreter: simulates VMEM scratch, block copies and the grid order.
+
+tpu_interpreter = pytest.mark.skipif(
+    pltpu is None or not hasattr(pltpu, "InterpretParams"),
+    reason="this jax has no TPU interpret mode")
+
+
+@tpu_interpreter
+@pytest.mark.parametrize("k,metric", [(1, "l2"), (7, "ip"), (40, "l2")])
+def test_tpu_interpreter(k, metric):
+  queries, keys = random_data(30 + k, 20, 555, 6)
+  with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+    result = resmem_jax.knn(queries, keys, k, metric=metric, implementation="pallas",
+                            block_sizes=BlockSizes(block_q=8, block_n=128, chunk=0))
+  check_result(result, queries, keys, k, metric=metric)
+
+
+@tpu_interpreter
+def test_tpu_interpreter_ties():
+  queries, keys = integer_data(33, 12, 150, 3, low=-1, high=1)
+  with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+    result = resmem_jax.knn(queries, keys, 9, implementation="pallas",
+                            block_sizes=BlockSizes(block_q=8, block_n=128, chunk=0))
+  check_result(result, queries, keys, 9, exact_ties=True)
+
+
+# --------------------------------------------------------------------------------------
+# The Triton kernel body under the generic interpreter (its compiled form needs a GPU).
+
+triton_interpret = functools.partial(pk.knn_pallas, backend="triton", interpret=True)
+
+
+@pytest.mark.parametrize("k,metric,dim", [(1, "l2", 3), (9, "ip", 20), (pk.GPU_MAX_K, "l2", 5)])
+def test_triton_body_interpreted(k, metric, dim):
+  queries, keys = random_data(40 + k, 19, 301, dim)  # ragged query and key tiles
+  q, x = centred(queries, keys, metric)
+  tiles = BlockSizes(block_q=16, block_n=64, chunk=0)
+  _, idx = jax.jit(functools.partial(triton_interpret, k=k, metric=metric,
+                                     block_sizes=tiles))(q, x)
+  assert_kernel_exact(idx, queries, keys, k, metric)
+
+
+def test_triton_body_ties():
+  queries, keys = integer_data(44, 10, 120, 3, low=-1, high=1)
+  _, idx = jax.jit(functools.partial(
+      triton_interpret, k=9, metric="l2",
+      block_sizes=BlockSizes(block_q=16, block_n=32, chunk=0)))(jnp.asarray(queries),
+                                                                  jnp.asarray(keys))
+  assert_kernel_exact(idx, queries, keys, 9, exact_ties=True)
+
+
+# --------------------------------------------------------------------------------------
+# Lowering for the real backends, on CPU: every primitive has a Mosaic TPU / Triton
+# lowering rule and the block shapes pass the lowering's checks. (Mosaic's layout
+# passes and ptxas run only at compile time on the device: not covered here.)
+
+
+@pytest.mark.parametrize("backend,platform,k", [("tpu", "tpu", 10), ("tpu", "tpu", 100),
+                                                ("triton", "cuda", 16)])
+def test_lowers_for_the_device(backend, platform, k):
+  dim = 64
+  tiles = pk.default_block_sizes("gpu" if backend == "triton" else "tpu", k, dim)
+  fn = jax.jit(functools.partial(pk.knn_pallas, k=k, metric="l2", block_sizes=tiles,
+                                 backend=backend, interpret=False))
+  args = (jax.ShapeDtypeStruct((256, dim), jnp.float32),
+          jax.ShapeDtypeStruct((3000, dim), jnp.float32))
+  # Triton custom calls carry no serialization guarantee; we only lower, never load.
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  text = export.export(fn, platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+  assert ("tpu_custom_call" if backend == "tpu" else "triton") in text
+
+
+# --------------------------------------------------------------------------------------
+# Compiled mode: only with a GPU or TPU (tests/conftest.py skips these on CPU).
+
+
+@pytest.mark.accelerator
+@pytest.mark.parametrize("k", [1, 10, 32, 100, 256])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_compiled_against_oracle(k, metric):
+  platform = jax.default_backend()
+  if not pk.is_supported(k=k, dim=48, dtype=jnp.float32, platform=platform):
+    pytest.skip(f"{k=} not supported by the kernel on {platform}")
+  queries, keys = random_data(50 + k, 300, 5000, 48, offset=100.0)
+  result = resmem_jax.knn(queries, keys, k, metric=metric, implementation="pallas")
+  check_result(result, queries, keys, k, metric=metric)
+
+
+@pytest.mark.accelerator
+def test_compiled_ties_and_default_choice():
+  queries, keys = integer_data(60, 64, 2000, 7, low=-1, high=1)
+  result = resmem_jax.knn(queries, keys, 9, implementation="pallas")
+  check_result(result, queries, keys, 9, exact_ties=True)
+  assert api.default_implementation(64, 4000, 9, 7, jnp.float32) == "pallas"
