@@ -13,6 +13,7 @@ from jaxtyping import Array, Float, Int
 from resmem_jax import _validation as v
 from resmem_jax.kernels import sharded
 from resmem_jax.kernels.base import BlockSizes, KnnResult
+from resmem_jax.kernels.direct import knn_direct
 from resmem_jax.kernels.reference import knn_reference
 from resmem_jax.kernels.xla import knn_xla
 
@@ -22,9 +23,14 @@ METRICS = ("l2", "ip")
 # name -> fn(queries, keys, k, *, metric, block_sizes) -> (scores, indices), on centred
 # inputs. Optional backends register themselves through guarded imports below so a
 # missing backend never breaks `import resmem_jax`.
-IMPLEMENTATIONS: dict[str, Callable] = {"reference": knn_reference, "xla": knn_xla}
+# "direct" sums (q_i - x_i)^2 over every pair (no matmul): slow, never the default, and
+# the exact fallback for the queries whose certificate fails (see `search_certified`).
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "reference": knn_reference, "xla": knn_xla, "direct": knn_direct}
 # Everything `implementation=` may name, registered or not (for the error messages).
-KNOWN_IMPLEMENTATIONS = ("reference", "xla", "pallas")
+KNOWN_IMPLEMENTATIONS = ("reference", "xla", "pallas", "direct")
+# Queries per step of the re-scoring loop; every query bucket is a multiple of it.
+RESCORE_BATCH = 8
 # Inputs this small run the plain reference: one small matmul beats the tiled loop.
 REFERENCE_MAX_PAIRS = 1 << 16
 
@@ -52,7 +58,8 @@ def default_implementation(n_queries: int, n_keys: int, k: int, dim: int, dtype)
   """The best registered implementation for the default backend and this problem."""
   platform = jax.default_backend()
   if (platform in ("gpu", "tpu") and _pallas_knn is not None
-      and _pallas_knn.is_supported(k=k, dim=dim, dtype=dtype, platform=platform)):
+      and _pallas_knn.is_supported(k=n_candidates(k, n_keys, "l2"), dim=dim, dtype=dtype,
+                                   platform=platform)):
     return "pallas"
   if n_queries * n_keys <= REFERENCE_MAX_PAIRS:
     return "reference"
@@ -60,43 +67,149 @@ def default_implementation(n_queries: int, n_keys: int, k: int, dim: int, dtype)
 
 
 def _rescore(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
-             indices: Int[Array, "Q k"], metric: str
-             ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"]]:
-  """Exact distances of the k winners, computed directly, then re-sorted.
+             indices: Int[Array, "Q m"], metric: str, n_valid: int | None = None
+             ) -> tuple[Float[Array, "Q m"], Int[Array, "Q m"]]:
+  """Exact distances of the candidates, computed directly, then re-sorted.
 
   The expanded ||x||^2 - 2 q.x ranks well but loses every digit of a distance that is
-  small next to the norms; ||q - x|| on the k winners (Q x k x D work) does not.
-  Sorting on (distance, index) keeps the lower index first on ties.
+  small next to the norms; ||q - x|| on the candidates (Q x m x D work) does not.
+  Sorting on (distance, index) keeps the lower index first on ties. Columns from
+  `n_valid` on are padding (so that a shard re-scores at the same width as one device,
+  which gives the same bits): they sort last as (inf, N).
   """
+  n = keys.shape[0]
 
   def one(args):
     q, idx = args
-    winners = keys[idx]  # (k, D)
+    winners = keys[idx]  # (m, D)
     if metric == "ip":
       dist = -jnp.sum(q[None, :] * winners, axis=-1)
     else:
       dist = jnp.sqrt(jnp.sum(jnp.square(q[None, :] - winners), axis=-1))
+    if n_valid is not None and n_valid < idx.shape[0]:
+      valid = jnp.arange(idx.shape[0]) < n_valid
+      dist, idx = jnp.where(valid, dist, jnp.inf), jnp.where(valid, idx, n)
     return jax.lax.sort((dist, idx), num_keys=2)
 
-  # Batches of queries bound the (batch, k, D) gather of winners.
-  return jax.lax.map(one, (queries, indices), batch_size=min(256, queries.shape[0]))
+  # A fixed batch (query buckets are multiples of 8) bounds the (batch, m, D) gather and
+  # compiles the same loop body for every number of queries, so a row's distances are
+  # the same bits whether it is searched in a large batch or re-done in a small one.
+  return jax.lax.map(one, (queries, indices), batch_size=RESCORE_BATCH)
+
+
+def candidate_margin(k: int) -> int:
+  """Candidates searched beyond k, so that the certificate has a gap to stand on."""
+  return max(4, k // 16)
+
+
+def n_candidates(k: int, n: int, metric: str) -> int:
+  """How many candidates `search_certified` re-scores for a k-search over n keys."""
+  if metric == "ip":
+    return k
+  return min(n, k + candidate_margin(k))
+
+
+def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
+                     mean: Float[Array, "1 D"], k: int, *, metric: str, implementation: str,
+                     block_sizes: BlockSizes | None, width: int | None = None
+                     ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"], Array]:
+  r"""k nearest keys, re-scored exactly, with a per-query proof that none was missed.
+
+  The implementation ranks by s(x) = ||x_c||^2 - 2 <q_c, x_c> on data centred by
+  `mean` and returns m = k + `candidate_margin(k)` candidates. In float32, s carries
+  an error of at most E(q) = gamma (R^2 + 2 ||q_c|| R), R = max ||x_c||, gamma =
+  4 (D + 2) eps/2 (twice the textbook dot-product bound, as the pruning pass and the
+  final selection may round differently). Every key left out has s >= s_m, the
+  m-th candidate's score, so its true squared distance is at least
+  s_m + ||q_c||^2 - E(q). The candidates are re-scored directly as ||q - x||; if the
+  k-th of them is below that bound, the k nearest are proven exact (certified). The
+  certificate fails only where the data are dense next to their norms (many keys
+  within E of the k-th distance); `knn` recomputes those rows with "direct".
+
+  The inner-product metric needs no certificate: its ranking score is its distance,
+  with the same float32 rounding as the result.
+
+  `width` (static): re-score this many columns (padding beyond the candidates), so a
+  shard of a sharded search, and the direct fallback, compute the same bits as one
+  device's ranked search.
+
+  Returns:
+    (distances (Q, k), indices (Q, k), certified (Q,) bool).
+  """
+  n, dim = keys.shape
+  exact = metric == "ip" or implementation == "direct"
+  n_cand = k if exact else n_candidates(k, n, metric)
+  # The direct fallback re-scores at the same width as the ranked search, so the
+  # distances it returns for a row are the same bits.
+  width = width or n_candidates(k, n, metric)
+  if implementation == "direct":
+    q_rank, k_rank = queries, keys  # no centring: see kernels/direct.py
+  else:
+    q_rank, k_rank = queries - mean, keys - mean
+  scores, indices = IMPLEMENTATIONS[implementation](
+      q_rank, k_rank, n_cand, metric=metric, block_sizes=block_sizes)
+  indices = indices.astype(jnp.int32)
+  if width is not None and width > n_cand:
+    indices = jnp.pad(indices, ((0, 0), (0, width - n_cand)))
+  distances, indices = _rescore(queries, keys, indices, metric, n_valid=n_cand)
+  if exact or n_cand == n:
+    return distances[:, :k], indices[:, :k], jnp.ones(queries.shape[0], bool)
+  gamma = 4.0 * (dim + 2) * float(jnp.finfo(scores.dtype).eps) / 2
+  radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
+  q_sq = jnp.sum(jnp.square(q_rank), axis=-1)
+  error = gamma * (radius * radius + 2.0 * jnp.sqrt(q_sq) * radius)
+  excluded_at_least = jnp.max(scores, axis=-1) + q_sq - error
+  kth_sq = jnp.square(distances[:, k - 1]) * (1.0 + gamma)
+  return distances[:, :k], indices[:, :k], kth_sq < excluded_at_least
+
+
+def _promote(queries, keys):
+  dtype = jnp.promote_types(jnp.promote_types(queries.dtype, keys.dtype), jnp.float32)
+  return queries.astype(dtype), keys.astype(dtype)
+
+
+def key_mean(keys: Float[Array, "N D"], metric: str) -> Float[Array, "1 D"]:
+  """Centring for the ranking: the key mean for l2 (exact ranking for offset data)."""
+  if metric == "l2":
+    return jnp.mean(keys, axis=0, keepdims=True)
+  return jnp.zeros((1, keys.shape[1]), keys.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "metric", "implementation", "block_sizes"))
 def _knn_padded(queries, keys, *, k, metric, implementation, block_sizes):
-  dtype = jnp.promote_types(jnp.promote_types(queries.dtype, keys.dtype), jnp.float32)
-  queries = queries.astype(dtype)
-  keys = keys.astype(dtype)
-  if metric == "l2":
-    # Centring on the key mean keeps the ranking exact for data far from the origin,
-    # where ||x||^2 and 2 q.x are huge and nearly cancel.
-    mean = jnp.mean(keys, axis=0, keepdims=True)
-    q_rank, k_rank = queries - mean, keys - mean
-  else:
-    q_rank, k_rank = queries, keys
-  _, indices = IMPLEMENTATIONS[implementation](
-      q_rank, k_rank, k, metric=metric, block_sizes=block_sizes)
-  return _rescore(queries, keys, indices.astype(jnp.int32), metric)
+  queries, keys = _promote(queries, keys)
+  return search_certified(queries, keys, key_mean(keys, metric), k, metric=metric,
+                          implementation=implementation, block_sizes=block_sizes)
+
+
+def _search(queries, keys, k, *, metric, implementation, block_sizes):
+  if sharded.row_axes(keys) is not None:
+    # Keys split over devices by rows: local searches + one merge, same result.
+    return sharded.knn_sharded(queries, keys, k, metric=metric,
+                               implementation=implementation, block_sizes=block_sizes)
+  return _knn_padded(queries, keys, k=k, metric=metric, implementation=implementation,
+                     block_sizes=block_sizes)
+
+
+def _redo_uncertified(queries, keys, k, metric, distances, indices, certified):
+  """Rows whose certificate failed, recomputed by the exact direct search."""
+  if v.is_traced(certified):
+    # Under an outer jit the failing rows are unknown on the host: recompute the whole
+    # batch, but only when some row needs it.
+    def redo():
+      d, i, _ = _search(queries[:distances.shape[0]], keys, k, metric=metric,
+                        implementation="direct", block_sizes=None)
+      keep = certified[:, None]
+      return jnp.where(keep, distances, d), jnp.where(keep, indices, i)
+    return jax.lax.cond(jnp.all(certified), lambda: (distances, indices), redo)
+  rows = np.flatnonzero(~np.asarray(certified))
+  if rows.size == 0:
+    return distances, indices
+  sub = jnp.asarray(queries)[rows]
+  padded = query_bucket(rows.size)
+  sub = jnp.pad(sub, ((0, padded - rows.size), (0, 0)))
+  d, i, _ = _search(sub, keys, k, metric=metric, implementation="direct", block_sizes=None)
+  return (distances.at[rows].set(d[:rows.size]), indices.at[rows].set(i[:rows.size]))
 
 
 def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
@@ -110,7 +223,10 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
 
   in ascending order, equal distances with the lower index first. The search ranks by
   ||x||^2 - 2 <q, x> on data centred by the key mean, with f32 matmuls at
-  `Precision.HIGHEST`, then recomputes the k winners' distances directly, so the
+  `Precision.HIGHEST`, over a few more candidates than k, then recomputes their
+  distances directly as ||q - x||. A per-query certificate (`search_certified`) proves
+  that no key outside the candidates can be nearer; queries it cannot prove (data
+  dense next to their norms) are recomputed by a direct-difference search. So the
   result equals a float64 brute-force search up to float32 rounding of the distances.
   Memory stays O(block_q * (block_n + N / chunk) + Q * k) above a centred copy of
   the keys: the (Q, N) matrix is never formed.
@@ -122,7 +238,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     metric: "l2" (Euclidean) or "ip" (negated inner product).
     implementation: None picks the best for the platform (the Pallas kernel on GPU/TPU
       where it supports the problem, the blocked XLA search otherwise, the reference
-      for tiny inputs); or one of "reference", "xla", "pallas".
+      for tiny inputs); or one of "reference", "xla", "pallas", "direct" (O(QND)
+      elementwise, exact without a certificate; the fallback, never the default).
     block_sizes: tiling of the blocked search; `BlockSizes.get_default(k, D)` if None.
 
   Returns:
@@ -173,13 +290,9 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   padded = query_bucket(n_q)
   if padded != n_q:
     queries = jnp.pad(jnp.asarray(queries), ((0, padded - n_q), (0, 0)))
-  if sharded.row_axes(keys) is not None:
-    # Keys split over devices by rows: local searches + one merge, same result.
-    distances, indices = sharded.knn_sharded(
-        queries, keys, k, metric=metric, implementation=implementation,
-        block_sizes=block_sizes)
-  else:
-    distances, indices = _knn_padded(
-        queries, keys, k=k, metric=metric, implementation=implementation,
-        block_sizes=block_sizes)
-  return KnnResult(distances[:n_q], indices[:n_q])
+  distances, indices, certified = _search(
+      queries, keys, k, metric=metric, implementation=implementation,
+      block_sizes=block_sizes)
+  distances, indices = _redo_uncertified(queries, keys, k, metric, distances[:n_q],
+                                         indices[:n_q], certified[:n_q])
+  return KnnResult(distances, indices)

@@ -54,7 +54,7 @@ def n_shards(mesh, axes: tuple[str, ...]) -> int:
 
 
 def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, block_sizes):
-  """(distances, indices) of the k nearest keys, with `keys` row-sharded (see module doc).
+  """(distances, indices, certified) of the k nearest keys, `keys` row-sharded (module doc).
 
   `queries` are replicated over the mesh; the result is replicated too. The caller
   (`rm.knn`) has validated the inputs and padded the queries to a size bucket.
@@ -74,43 +74,40 @@ def _knn_sharded(queries, keys, *, k, metric, implementation, block_sizes, mesh,
   # The registry and the re-scoring live in api.py, which imports this module.
   from resmem_jax.kernels import api  # pylint: disable=g-import-not-at-top
 
-  dtype = jnp.promote_types(jnp.promote_types(queries.dtype, keys.dtype), jnp.float32)
-  queries = queries.astype(dtype)
-  keys = keys.astype(dtype)
+  queries, keys = api._promote(queries, keys)  # pylint: disable=protected-access
   n_local = keys.shape[0] // n_shards(mesh, axes)
   k_local = min(k, n_local)
-  if metric == "l2":
-    # One global mean (an all-reduce) keeps every shard's ranking on the same centred
-    # coordinates as a single-device search.
-    mean = jnp.mean(keys, axis=0, keepdims=True)
-  else:
-    mean = jnp.zeros((1, keys.shape[1]), dtype)
+  # One global mean (an all-reduce) keeps every shard's ranking on the same centred
+  # coordinates as a single-device search.
+  mean = api.key_mean(keys, metric)
+
+  # Re-score as many columns as one device would, so the distances are the same bits.
+  width = api.n_candidates(k, keys.shape[0], metric)
 
   def local(q, x, mu):
-    _, idx = api.IMPLEMENTATIONS[implementation](
-        q - mu, x - mu, k_local, metric=metric, block_sizes=block_sizes)
-    idx = idx.astype(jnp.int32)
+    dist, idx, certified = api.search_certified(
+        q, x, mu, k_local, metric=metric, implementation=implementation,
+        block_sizes=block_sizes, width=width)
     if k_local < k:
-      # Re-score a full (Q, k) block, as one device does, so the distances are the
-      # same bits: pad with a NaN row that sorts last and is then dropped.
+      # Fewer rows than k on this shard: pad with entries that sort last.
+      dist = jnp.pad(dist, ((0, 0), (0, k - k_local)), constant_values=jnp.inf)
       idx = jnp.pad(idx, ((0, 0), (0, k - k_local)), constant_values=n_local)
-      x = jnp.concatenate([x, jnp.full((1, x.shape[1]), jnp.nan, x.dtype)])
-    dist, idx = api._rescore(q, x, idx, metric)  # pylint: disable=protected-access
     real = idx < n_local
     offset = jax.lax.axis_index(axes) * n_local
-    dist = jnp.where(real, dist, jnp.inf)
     idx = jnp.where(real, idx + offset.astype(jnp.int32), n_local * n_shards(mesh, axes))
     # (Q, shards * k) candidates in shard order, the same on every device; the
-    # k smallest by (distance, global index) are the global k nearest.
+    # k smallest by (distance, global index) are the global k nearest, exact when
+    # every shard's local search is certified.
     dist, idx = jax.lax.all_gather((dist, idx), axes, axis=1, tiled=True)
     dist, idx = jax.lax.sort((dist, idx), dimension=1, num_keys=2)
-    return dist[:, :k], idx[:, :k]
+    certified = jax.lax.pmin(certified.astype(jnp.int32), axes).astype(bool)
+    return dist[:, :k], idx[:, :k], certified
 
   # check_vma=False: the single-device backends (scans with replicated initial carries)
   # are not annotated for varying manual axes. The outputs are replicated by
   # construction: every device sorts the same all-gathered candidates.
   return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None), P()),
-                       out_specs=(P(), P()), check_vma=False)(queries, keys, mean)
+                       out_specs=(P(), P(), P()), check_vma=False)(queries, keys, mean)
 
 
 def placement(x) -> tuple | None:

@@ -1,0 +1,68 @@
+"""The exactness certificate and its direct fallback, on data where the fast ranking fails.
+
+On 20k points of the unit circle the neighbour gaps (~3e-4) are far below the float32
+rounding of ||x||^2 - 2 q.x on unit vectors (~1e-7 relative to 1, i.e. ~3e-4 in
+distance): the ranked candidates alone return wrong neighbours, so the certificate
+must fail and the direct search must take over.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import resmem_jax as rm
+from resmem_jax.kernels import api
+
+
+def circle(rng, n):
+  angle = rng.uniform(0, 2 * np.pi, size=n)
+  return np.stack([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dense():
+  rng = np.random.default_rng(0)
+  keys, queries = circle(rng, 20_000), circle(rng, 200)
+  d2 = ((queries[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+  return queries, keys, d2
+
+
+def check_exact(result, d2, k):
+  order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+  want = np.sqrt(np.take_along_axis(d2, order, axis=1))
+  np.testing.assert_allclose(np.asarray(result.distances), want, rtol=1e-6, atol=1e-9)
+  # Indices wherever the float64 gap to the next neighbour is above float32 rounding.
+  gaps = np.diff(np.sqrt(np.sort(d2, axis=1)[:, :k + 1]), axis=1)
+  separated = gaps > 1e-6 * np.maximum(want, 1e-6)
+  np.testing.assert_array_equal(np.asarray(result.indices)[separated], order[separated])
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_dense_circle_is_exact_through_the_fallback(dense, k, implementation):
+  queries, keys, d2 = dense
+  _, _, certified = api._knn_padded(jnp.asarray(queries), jnp.asarray(keys), k=k, metric="l2",
+                                    implementation=implementation, block_sizes=None)
+  assert not np.asarray(certified).all(), "the certificate should fail on this data"
+  check_exact(rm.knn(queries, keys, k, implementation=implementation), d2, k)
+
+
+def test_fallback_under_an_outer_jit(dense):
+  queries, keys, d2 = dense
+  result = jax.jit(lambda q, x: rm.knn(q, x, 3, implementation="xla"))(queries, keys)
+  check_exact(result, d2, 3)
+
+
+def test_certificate_passes_on_ordinary_data():
+  rng = np.random.default_rng(1)
+  keys = rng.normal(size=(5000, 64)).astype(np.float32)
+  queries = rng.normal(size=(64, 64)).astype(np.float32)
+  _, _, certified = api._knn_padded(jnp.asarray(queries), jnp.asarray(keys), k=10, metric="l2",
+                                    implementation="xla", block_sizes=None)
+  assert np.asarray(certified).all()
+
+
+def test_direct_implementation_is_exact(dense):
+  queries, keys, d2 = dense
+  check_exact(rm.knn(queries, keys, 4, implementation="direct"), d2, 4)
