@@ -368,12 +368,11 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
   c.risk_vs_n.sigma = 1.0  # irrelevant at k = 1 (one weight, exactly 1)
   c.risk_vs_n.noise = 0.0
   c.risk_vs_n.slope_fit_min_n = 3000
-  # (d, largest n) pairs. On the circle the nearest neighbour lies ~pi/n away; past
-  # n ~ 1e4 that is below what rm.knn's float32 ranking (||x||^2 - 2 q.x, rounding
-  # ~1e-7 on unit-norm data) can order, so it returns a near, not the nearest,
-  # neighbour (81% of them at n = 1e5, measured) and the risk flattens onto a
-  # float32 floor instead of following n^-2.
-  c.risk_vs_n.max_n_by_d = ((2, 10_000),)
+  # Optional (d, largest n) pairs that cut a dimension's n grid short. None by default:
+  # on the circle the nearest neighbour lies ~pi/n away, below the float32 rounding of
+  # rm.knn's ranking score past n ~ 1e4, and rm.knn's certificate then sends those
+  # queries to its exact direct search (slower, still exact).
+  c.risk_vs_n.max_n_by_d = ()
 
   # Figure 2: risk against the base model's capacity L at fixed n.
   c.risk_vs_capacity = ml_collections.ConfigDict()
