@@ -149,7 +149,7 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   scores, indices = IMPLEMENTATIONS[implementation](
       q_rank, k_rank, n_cand, metric=metric, block_sizes=block_sizes)
   indices = indices.astype(jnp.int32)
-  if width is not None and width > n_cand:
+  if width > n_cand:
     indices = jnp.pad(indices, ((0, 0), (0, width - n_cand)))
   distances, indices = _rescore(queries, keys, indices, metric, n_valid=n_cand)
   if exact or n_cand == n:
