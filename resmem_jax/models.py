@@ -167,23 +167,32 @@ def cifar_resnet(depth: int, **kwargs) -> ResNet:
 class SmallCNN(nn.Module):
   """A small convolutional network for 28x28 (or 8x8) digits.
 
-  Two 3x3 convolution + ReLU + 2x2 average-pool stages (`width` and `2 * width`
-  channels), then a dense layer of `embed_dim` units (the embedding) and the final
-  dense layer. The embedding layer is linear by default: with a handful of units a
-  ReLU there dies easily and collapses training (measured: 1 of 3 seeds of
-  width=2, embed_dim=8 stuck below 30% validation accuracy). Deliberately small so
-  that it underfits somewhat: the regime in which ResMem's memorized residuals help
-  most.
+  `depth` 3x3 convolution + ReLU layers, then a dense layer of `embed_dim` units (the
+  embedding) and the final dense layer. The first two convolutions (`width` and
+  `2 * width` channels) are each followed by a 2x2 average pool; every convolution
+  after the second keeps `2 * width` channels and the resolution ('SAME' padding, no
+  pool), so extra depth adds `36 width^2 + 2 width` parameters and leaves the
+  embedding layer's input (7 x 7 x 2 width on 28x28 digits) unchanged. `depth=1` is
+  one pooled convolution (14 x 14 x width into the embedding layer). The default
+  `depth=2` is the original two-stage network, with the same parameter names and
+  hence the same initialisation for a given seed.
+
+  The embedding layer is linear by default: with a handful of units a ReLU there
+  dies easily and collapses training (measured: 1 of 3 seeds of width=2,
+  embed_dim=8 stuck below 30% validation accuracy). Deliberately small so that it
+  underfits somewhat: the regime in which ResMem's memorized residuals help most.
 
   Attributes:
     num_classes: number of classes.
     width: channels of the first convolution.
     embed_dim: size of the embedding (the input of the final dense layer).
+    depth: number of 3x3 convolution + ReLU layers (at least 1).
     embed_act: apply a ReLU to the embedding layer.
   """
   num_classes: int = 10
   width: int = 8
   embed_dim: int = 32
+  depth: int = 2
   embed_act: bool = False
   dtype: Any = jnp.float32
 
@@ -191,10 +200,12 @@ class SmallCNN(nn.Module):
   def __call__(self, x: Float[Array, "B H W C"], train: bool = False
                ) -> tuple[Float[Array, "B K"], Float[Array, "B E"]]:
     del train  # No batch statistics or dropout: train and eval apply agree.
-    for i in range(2):
-      x = nn.Conv(self.width * 2**i, (3, 3), dtype=self.dtype)(x)
+    v.check_int("depth", self.depth, low=1)
+    for i in range(self.depth):
+      x = nn.Conv(self.width * 2**min(i, 1), (3, 3), dtype=self.dtype)(x)
       x = nn.relu(x)
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      if i < 2:
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     embedding = nn.Dense(self.embed_dim, dtype=self.dtype)(x)
     if self.embed_act:

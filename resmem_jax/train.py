@@ -38,6 +38,7 @@ from flax.training import train_state
 from jaxtyping import Array, Float, Int, UInt8
 from tqdm.auto import tqdm
 
+from resmem_jax import _validation as v
 from resmem_jax import analysis as analysis_lib
 from resmem_jax import data as data_lib
 from resmem_jax import models as models_lib
@@ -465,29 +466,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """Trains `config.sweep.sizes` x `config.sweep.seeds` and compares DeepNet with ResMem.
 
-  Each (size, seed) runs `train_and_evaluate` in its own sub-workdir (so a killed
-  sweep resumes where it stopped) on one shared set of splits. Writes
-  size_sweep.json (one row per run) and size_sweep.png (test accuracy against
-  parameter count, mean and std over seeds): Fig. 3 of Yang et al. (2023) at this
-  machine's scale.
+  Each size is a `(width, embed_dim, depth)` triple of `SmallCNN` attributes (a
+  `(width, embed_dim)` pair means depth 2, the original network). Each (size, seed)
+  runs `train_and_evaluate` in its own sub-workdir (so a killed sweep resumes where
+  it stopped) on one shared set of splits. Writes size_sweep.json (one row per run)
+  and size_sweep.png (test accuracy against parameter count, mean and std over
+  seeds, one marker per depth): Fig. 3 of Yang et al. (2023) at this machine's scale.
 
   Returns:
-    The rows: size, seed, params, DeepNet/ResMem test accuracy, chosen (k, sigma, T).
+    The rows: size, width, embed_dim, depth, seed, params, DeepNet/ResMem test
+    accuracy, chosen (k, sigma, T).
+
+  Raises:
+    ValueError: a size that is not a (width, embed_dim[, depth]) tuple of positive ints.
   """
+  sizes = []
+  for size in config.sweep.sizes:
+    if len(size) not in (2, 3):
+      raise ValueError(f"sweep sizes must be (width, embed_dim) or (width, embed_dim, depth),"
+                       f" got size={tuple(size)!r}")
+    width, embed_dim, depth = (*size, 2) if len(size) == 2 else size
+    sizes.append((v.check_int("width", width, low=1), v.check_int("embed_dim", embed_dim, low=1),
+                  v.check_int("depth", depth, low=1)))
   splits = load_splits(config)
   rows = []
-  sizes = list(config.sweep.sizes)
-  for width, embed_dim in tqdm(sizes, desc="sizes", disable=not config.get("progress", True)):
+  for width, embed_dim, depth in tqdm(sizes, desc="sizes",
+                                      disable=not config.get("progress", True)):
     for seed in config.sweep.seeds:
       cfg = ml_collections.ConfigDict(config.to_dict())
       del cfg["sweep"]
       cfg.seed = int(seed)
-      cfg.model_kwargs.width = int(width)
-      cfg.model_kwargs.embed_dim = int(embed_dim)
-      size = f"width={width},embed={embed_dim}"
-      sub = os.path.join(workdir, f"w{width}_e{embed_dim}_s{seed}")
+      cfg.model_kwargs.width = width
+      cfg.model_kwargs.embed_dim = embed_dim
+      cfg.model_kwargs.depth = depth
+      size = f"width={width},embed={embed_dim},depth={depth}"
+      sub = os.path.join(workdir, f"w{width}_e{embed_dim}_d{depth}_s{seed}")
       r = train_and_evaluate(cfg, sub, splits=splits)
-      rows.append({"size": size, "width": int(width), "embed_dim": int(embed_dim),
+      rows.append({"size": size, "width": width, "embed_dim": embed_dim, "depth": depth,
                    "seed": int(seed), "params": r["params"],
                    "deepnet_test_accuracy": r["deepnet_test_accuracy"],
                    "resmem_test_accuracy": r["resmem_test_accuracy"],
@@ -497,5 +512,6 @@ def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict
                           {"rows": rows, "summary": analysis_lib.summarize_size_sweep(rows)})
   analysis_lib.plot_size_sweep(
       rows, path=os.path.join(workdir, "size_sweep.png"),
-      title=f"{config.dataset}: SmallCNN sizes, mean ± std over {len(config.sweep.seeds)} seeds")
+      title=f"{config.dataset}: SmallCNN widths and depths, mean ± std over "
+            f"{len(config.sweep.seeds)} seeds")
   return rows

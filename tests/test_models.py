@@ -81,6 +81,52 @@ def test_small_cnn_shapes_and_params():
   assert logits == (3, 10)
 
 
+def _small_cnn_params(width: int, embed_dim: int, depth: int, pixels: int = 28) -> int:
+  """Closed form: 3x3 convs with bias, 2x2 pools after the first two, dense, head."""
+  conv = lambda cin, cout: 9 * cin * cout + cout
+  channels = [width * 2**min(i, 1) for i in range(depth)]
+  total = sum(conv(cin, cout) for cin, cout in zip([1] + channels, channels))
+  side = pixels // 2**min(depth, 2)
+  return total + (side * side * channels[-1] * embed_dim + embed_dim) + (embed_dim * 10 + 10)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_small_cnn_depth_shapes_and_params(depth):
+  model = models.SmallCNN(num_classes=10, width=3, embed_dim=5, depth=depth)
+  variables, logits, emb = _shapes(model, (2, 28, 28, 1))
+  assert (logits, emb) == ((2, 10), (2, 5))
+  assert models.count_params(variables["params"]) == _small_cnn_params(3, 5, depth)
+  assert sorted(variables["params"]) == sorted(
+      [f"Conv_{i}" for i in range(depth)] + ["Dense_0", "head"])
+  assert variables["params"][f"Conv_{depth - 1}"]["kernel"].shape[-1] == 3 * 2**min(depth - 1, 1)
+  _, logits, _ = _shapes(model, (2, 8, 8, 1))  # 8x8 digits at every depth
+  assert logits == (2, 10)
+
+
+def test_small_cnn_default_is_the_original_two_stage_network():
+  # The default (depth 2) must keep its parameter names, hence its initialisation for a
+  # seed, and compute conv-relu-pool twice, dense, head: published numbers rely on it.
+  model = models.SmallCNN(num_classes=10, width=2, embed_dim=8)
+  assert model.depth == 2
+  x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x)
+  explicit = models.SmallCNN(num_classes=10, width=2, embed_dim=8, depth=2)
+  jax.tree.map(np.testing.assert_array_equal, variables, explicit.init(jax.random.key(0), x))
+  p = variables["params"]
+  h = x
+  for name in ("Conv_0", "Conv_1"):
+    h = jax.lax.conv_general_dilated(h, p[name]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(h + p[name]["bias"][None, None, None])
+    h = h.reshape(h.shape[0], h.shape[1] // 2, 2, h.shape[2] // 2, 2, -1).mean(axis=(2, 4))
+  emb = h.reshape(3, -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"][None]
+  logits, got_emb = model.apply(variables, x)
+  np.testing.assert_allclose(got_emb, emb, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, emb @ p["head"]["kernel"] + p["head"]["bias"][None],
+                             rtol=1e-5, atol=1e-5)
+  assert models.count_params(p) == _small_cnn_params(2, 8, 2) == 1762
+
+
 @pytest.mark.parametrize("model", [models._ResNetTiny(num_classes=5),
                                    models.SmallCNN(num_classes=5, width=2, embed_dim=6)])
 def test_embedding_is_the_head_input(model):
@@ -109,3 +155,5 @@ def test_bad_arguments():
     models.create_model("resnet19", num_classes=10)
   with pytest.raises(ValueError, match="stem"):
     _shapes(models.ResNet(stage_sizes=(1,), stem="bogus"), (1, 8, 8, 3))
+  with pytest.raises(ValueError, match="depth"):
+    _shapes(models.SmallCNN(depth=0), (1, 28, 28, 1))

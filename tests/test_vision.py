@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from resmem_jax import analysis
 from resmem_jax import configs
+from resmem_jax import models
 from resmem_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,18 +51,60 @@ def test_every_config_loads_with_its_quick_variant():
 
 def test_size_sweep_on_a_tiny_grid(tmp_path):
   config = configs.get_config("mnist_sweep", "quick")
-  config.sweep.sizes = ((1, 2), (2, 4))
+  # A triple and an old-style pair (depth 2).
+  config.sweep.sizes = ((1, 2, 3), (2, 4))
   config.sweep.seeds = (3,)
   config.max_train = 200
   config.steps_per_epoch = 2
   rows = train.run_size_sweep(config, str(tmp_path))
-  assert [(r["width"], r["embed_dim"], r["seed"]) for r in rows] == [(1, 2, 3), (2, 4, 3)]
+  assert [(r["width"], r["embed_dim"], r["depth"], r["seed"]) for r in rows] == [
+      (1, 2, 3, 3), (2, 4, 2, 3)]
+  # conv 1->1, 1->2, 2->2 (3x3 with bias), dense 7*7*2 -> 2, head 2 -> 10.
+  assert rows[0]["params"] == 10 + 20 + 38 + (98 * 2 + 2) + (2 * 10 + 10)
   assert rows[0]["params"] < rows[1]["params"]
+  saved_kwargs = json.load(open(tmp_path / "w1_e2_d3_s3" / "results.json"))["model_kwargs"]
+  assert saved_kwargs["depth"] == 3
   table = analysis.format_size_sweep_table(rows)
-  assert "width=1,embed=2" in table and "width=2,embed=4" in table
+  assert "width=1,embed=2,depth=3" in table and "width=2,embed=4,depth=2" in table
   assert os.path.getsize(os.path.join(tmp_path, "size_sweep.png")) > 1000
   saved = json.load(open(os.path.join(tmp_path, "size_sweep.json")))
   assert len(saved["rows"]) == 2 and len(saved["summary"]) == 2
+  assert [s["depth"] for s in saved["summary"]] == [3, 2]
+
+
+def test_size_sweep_rejects_a_bad_size(tmp_path):
+  config = configs.get_config("mnist_sweep", "quick")
+  config.sweep.sizes = ((2, 8, 2, 1),)
+  with pytest.raises(ValueError, match="size"):
+    train.run_size_sweep(config, str(tmp_path))
+  config.sweep.sizes = ((2, 8, 0),)
+  with pytest.raises(ValueError, match="depth"):
+    train.run_size_sweep(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_full_sweep_grid_covers_widths_and_depths():
+  sizes = configs.get_config("mnist_sweep").sweep.sizes
+  assert len({w for w, _, _ in sizes}) >= 3 and len({d for _, _, d in sizes}) >= 3
+  params = [models.count_params(jax.eval_shape(
+      models.SmallCNN(width=w, embed_dim=e, depth=d).init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))["params"]) for w, e, d in sizes]
+  assert len(set(params)) == len(sizes)
+
+
+def test_size_sweep_plot_marks_each_depth():
+  rows = [{"size": f"d{d}w{w}", "params": 100 * w + d, "depth": d, "seed": 0,
+           "deepnet_test_accuracy": 0.5, "resmem_test_accuracy": 0.6}
+          for w in (1, 2) for d in (1, 4)]
+  fig = analysis.plot_size_sweep(rows)
+  (ax,) = fig.axes
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+      "DeepNet", "ResMem", "depth 1", "depth 4"]
+  # One line per (depth, method), each through that depth's two widths.
+  lines = [l for l in ax.get_lines() if l.get_linestyle() != "None"]  # not the caps
+  assert [len(l.get_xdata()) for l in lines] == [2, 2, 2, 2]
+  assert [(l.get_marker(), l.get_color()) for l in lines] == [
+      ("o", "tab:blue"), ("o", "tab:orange"), ("^", "tab:blue"), ("^", "tab:orange")]
 
 
 def test_size_sweep_summary_over_seeds():
