@@ -3,12 +3,14 @@
 Small tiles make every case cross several key tiles (the last one ragged) and several
 query tiles. The variants cover short chunks (with the grouped chunk selection),
 no pruning (the running top-k over key tiles), a chunk as long as a key tile, and the
-default tiles, whose key tiles are larger than every N here.
+default tiles, whose key tiles are larger than every N here, and a gather budget so
+small that the exact search steps through a query tile one query at a time.
 """
 
+import pytest
 from knn_contract import KnnContract
 
-from resmem_jax.kernels import BlockSizes
+from resmem_jax.kernels import BlockSizes, xla
 
 
 class TestXlaPruned(KnnContract):
@@ -28,3 +30,14 @@ class TestXlaChunkIsTile(KnnContract):
 
 class TestXlaDefaultTiles(KnnContract):
   IMPLEMENTATION = "xla"
+
+
+class TestXlaExactSearchOneQueryPerStep(KnnContract):
+  """The exact search's gather budget shrunk to nothing: one query per step, so the
+  per-step loop over a query tile (several steps, results stitched back) is covered."""
+  IMPLEMENTATION = "xla"
+  BLOCK_SIZES = BlockSizes(block_q=12, block_n=96, chunk=8)  # own tiles: own traces
+
+  @pytest.fixture(autouse=True)
+  def _tiny_gather_budget(self, monkeypatch):
+    monkeypatch.setattr(xla, "GATHER_BYTES", 1)
