@@ -25,6 +25,7 @@ a tied score at a lower index than any tied score in a later, unchosen chunk.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -105,16 +106,20 @@ def _select_chunks(minima: Float[Array, "G bq"], k: int) -> Int[Array, "bq k"]:
   return jnp.sort(chunk_ids, axis=-1)
 
 
-def _running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
-                   key_sq: Float[Array, "N"] | None, k: int, block_n: int
-                   ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
-  """The unpruned search: every key tile's top-k merged into a running top-k."""
+def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, block_n: int,
+                  score: Callable, aux: Float[Array, "N"] | None = None
+                  ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  """The unpruned search: every key tile's top-k merged into a running top-k.
+
+  `score(q, x, aux_tile) -> (bq, tile)` gives a tile's scores (smaller is better);
+  `aux` is a per-key array sliced along with the keys (e.g. ||x||^2), or None.
+  """
   n = keys.shape[0]
   bq = q.shape[0]
 
-  def merge(carry, x, x_sq, start):
+  def merge(carry, x, x_aux, start):
     best, best_idx = carry
-    scores = _scores_t(x, q, x_sq).T
+    scores = score(q, x, x_aux)
     pos = _smallest(scores, min(k, scores.shape[1]))
     # The running top-k holds lower indices, so it goes first: ties stay in key order.
     vals = jnp.concatenate([best, jnp.take_along_axis(scores, pos, axis=1)], axis=1)
@@ -124,8 +129,8 @@ def _running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
 
   def body(carry, b):
     x = jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n)
-    x_sq = None if key_sq is None else jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
-    return merge(carry, x, x_sq, b * block_n), None
+    x_aux = None if aux is None else jax.lax.dynamic_slice_in_dim(aux, b * block_n, block_n)
+    return merge(carry, x, x_aux, b * block_n), None
 
   block_n = min(block_n, n)
   n_full = n // block_n
@@ -133,7 +138,7 @@ def _running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
   carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full))
   if n % block_n:
     start = n_full * block_n
-    carry = merge(carry, keys[start:], None if key_sq is None else key_sq[start:], start)
+    carry = merge(carry, keys[start:], None if aux is None else aux[start:], start)
   return carry
 
 
@@ -169,7 +174,8 @@ def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
                 ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
   n, d = keys.shape
   if not chunk or k * chunk >= n:  # pruning cannot help
-    return _running_top_k(q, keys, key_sq, k, block_n)
+    return running_top_k(q, keys, k, block_n, lambda q, x, x_sq: _scores_t(x, q, x_sq).T,
+                         key_sq)
   bq = q.shape[0]
   chunk_ids = _select_chunks(_chunk_minima(q, keys, key_sq, block_n, chunk), k)
   rows = _gather_rows(bq, k * chunk * d * keys.dtype.itemsize)
