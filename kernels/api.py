@@ -182,11 +182,16 @@ def _knn_padded(queries, keys, *, k, metric, implementation, block_sizes):
                           implementation=implementation, block_sizes=block_sizes)
 
 
-def _search(queries, keys, k, *, metric, implementation, block_sizes):
+def _search(queries, keys, k, *, metric, implementation, block_sizes, query_mesh=None):
   if sharded.row_axes(keys) is not None:
     # Keys split over devices by rows: local searches + one merge, same result.
     return sharded.knn_sharded(queries, keys, k, metric=metric,
                                implementation=implementation, block_sizes=block_sizes)
+  if query_mesh is not None:
+    # Several CPU devices: each searches a share of the queries at once (same bits).
+    return sharded.knn_query_parallel(queries, keys, k, metric=metric,
+                                      implementation=implementation,
+                                      block_sizes=block_sizes, mesh=query_mesh)
   return _knn_padded(queries, keys, k=k, metric=metric, implementation=implementation,
                      block_sizes=block_sizes)
 
@@ -230,6 +235,13 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   result equals a float64 brute-force search up to float32 rounding of the distances.
   Memory stays O(block_q * (block_n + N / chunk) + Q * k) above a centred copy of
   the keys: the (Q, N) matrix is never formed.
+
+  On CPU, JAX runs a device's `top_k` selections on one core. In a process started
+  with several CPU devices (`jax.config.update("jax_num_cpu_devices", os.cpu_count())`
+  before the first JAX array), a large batch of queries (>= 1024 per device) held on
+  no particular device is split over them, keys copied to each, with the same bits
+  as one device; the result comes back to the queries' device. Commit the inputs to
+  one device (`jax.device_put(x, device)`) to keep the search there.
 
   Args:
     queries: (Q, D) floating array.
@@ -288,11 +300,14 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   if n_q == 0:
     return KnnResult(jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32))
   padded = query_bucket(n_q)
+  mesh = None if sharded.row_axes(keys) is not None else sharded.query_mesh(queries, keys)
+  if mesh is not None:  # an equal share of the queries for every CPU device
+    padded = -(-padded // mesh.size) * mesh.size
   if padded != n_q:
     queries = jnp.pad(jnp.asarray(queries), ((0, padded - n_q), (0, 0)))
   distances, indices, certified = _search(
       queries, keys, k, metric=metric, implementation=implementation,
-      block_sizes=block_sizes)
+      block_sizes=block_sizes, query_mesh=mesh)
   distances, indices = _redo_uncertified(queries, keys, k, metric, distances[:n_q],
                                          indices[:n_q], certified[:n_q])
   return KnnResult(distances, indices)

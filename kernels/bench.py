@@ -2,6 +2,7 @@
 
     python -m resmem_jax.kernels.bench                      # C1, C2, C3 (minutes)
     python -m resmem_jax.kernels.bench --quick              # small shapes, < 1 minute
+    python -m resmem_jax.kernels.bench --cpu-devices 1      # one JAX CPU device only
     python -m resmem_jax.kernels.bench --configs C1,C3 --repeats 5 --out knn_bench.json
 
 Configs (Gaussian keys and queries, seed 0; k neighbours, metric l2):
@@ -27,7 +28,12 @@ Columns:
               2 ms from /proc/self/statm, the maximum over all calls including the
               warm-up (so JAX's compilation too); outputs included, inputs excluded.
 `xla` and `reference` are `resmem_jax.knn(..., implementation=...)`: the public op,
-with validation, query buckets and the exact re-scoring of the winners. The
+with validation, query buckets and the exact re-scoring of the winners. The process
+starts JAX with one CPU device per core (`--cpu-devices`), the CPU analogue of FAISS's
+OpenMP threads: `knn` then splits the queries over the devices, so the single-threaded
+top-k selections of different queries run at once (same bits as one device).
+`xla-1dev` is the same search with its inputs committed to one device, in the same
+process: what a program that keeps the default single CPU device gets. The
 reference forms the whole (Q, N) matrix and only runs where that fits in 2 GiB.
 """
 
@@ -164,9 +170,11 @@ def recall(indices: np.ndarray, truth: np.ndarray) -> float:
 # Methods: each takes the float32 NumPy data and returns a zero-argument search.
 
 
-def jax_method(implementation: str):
+def jax_method(implementation: str, one_device: bool = False):
   def make(queries, keys, k):
     q, x = jnp.asarray(queries), jnp.asarray(keys)
+    if one_device:  # committed inputs: knn stays on this device
+      q, x = jax.device_put((q, x), jax.devices()[0])
 
     def search():
       result = resmem_jax.knn(q, x, k, implementation=implementation)
@@ -195,6 +203,8 @@ def sklearn_method(queries, keys, k):
 
 def available_methods(config: Config) -> dict[str, Callable]:
   methods = {"xla": jax_method("xla")}
+  if jax.local_device_count() > 1:
+    methods["xla-1dev"] = jax_method("xla", one_device=True)
   if config.q * config.n * 4 <= REFERENCE_MAX_BYTES:
     methods["reference"] = jax_method("reference")
   try:
@@ -264,6 +274,7 @@ def run(names: list[str], *, quick: bool, repeats: int) -> dict:
       recall_truth="float64 NumPy brute force",
       peak_mb_method="max over calls (warm-up included) of peak RSS above the pre-call level, /proc/self/statm sampled every 2 ms",
       machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
+                   jax_cpu_devices=jax.local_device_count(),
                    load_average_end=os.getloadavg(), jax=jax.__version__,
                    backend=jax.default_backend()),
       wall_seconds=time.time() - started)
@@ -294,7 +305,14 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true", help="small shapes, < 1 minute")
   parser.add_argument("--repeats", type=int, default=3, help="timed calls per method")
   parser.add_argument("--out", default="knn_bench.json", help="JSON output path")
+  parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
+                      help="JAX CPU devices (default: one per core); knn splits the "
+                           "queries over them. 1 gives the single-device search alone")
   args = parser.parse_args(argv)
+  if args.cpu_devices < 1:
+    parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+  # Fixed when the CPU backend starts, so before any array exists.
+  jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   names = [name.strip() for name in args.configs.split(",") if name.strip()]
   unknown = [name for name in names if name not in CONFIGS]
   if unknown:

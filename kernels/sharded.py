@@ -22,6 +22,10 @@ instead of `device_put`. The row count must be a multiple of the number of shard
 (JAX refuses uneven row shardings; pad or trim the memory). A mesh with more axes works too: split the rows over any
 of its axes (`P(("data", "model"), None)`); the other axes hold replicas.
 
+With the keys on no particular device and several CPU devices in the process, `knn`
+instead splits a large batch of QUERIES over the CPU devices (`query_mesh`), so that
+the single-threaded top-k selections of XLA:CPU run on every core at once.
+
 Reference: the multi-device kNN of jax/_src/lax/ann.py (local top-k, offsets, one
 final top-k), written with `jax.shard_map` instead of `pmap`.
 """
@@ -33,7 +37,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+QUERY_AXIS = "queries"
+# Fewer queries per CPU device than this stay on one device: there the matmul already
+# keeps every core busy, and a second copy of the keys costs memory for nothing
+# (C3 of the benchmark, 1000 queries over 1M keys, ran 7% slower split over 2 devices
+# and held 2x the memory; 10k queries ran 9% and 25% faster at k = 10 and 100).
+MIN_QUERIES_PER_DEVICE = 1024
 
 
 def row_axes(x) -> tuple[str, ...] | None:
@@ -108,6 +120,60 @@ def _knn_sharded(queries, keys, *, k, metric, implementation, block_sizes, mesh,
   # construction: every device sorts the same all-gathered candidates.
   return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None), P()),
                        out_specs=(P(), P(), P()), check_vma=False)(queries, keys, mean)
+
+
+def query_mesh(queries, keys) -> Mesh | None:
+  """A mesh over the CPU devices to split the queries over, or None to stay on one device.
+
+  XLA:CPU runs a device's program one operation at a time: a matmul uses every core,
+  but the `top_k` selection runs on one, so at large k most cores wait for it. A
+  process with several CPU devices (`jax.config.update("jax_num_cpu_devices",
+  os.cpu_count())` before JAX starts) runs one program per device at once, so `knn`
+  splits the queries over them; the keys are replicated (one copy per device) and
+  every query sees the same program as on one device, so the result has the same
+  bits. Inputs placed explicitly (committed) or traced stay where they are, and so do
+  fewer than `MIN_QUERIES_PER_DEVICE` queries per device.
+  """
+  if jax.default_backend() != "cpu" or any(
+      isinstance(x, jax.core.Tracer) or getattr(x, "committed", False)
+      for x in (queries, keys)):
+    return None
+  devices = jax.local_devices(backend="cpu")
+  if len(devices) < 2 or queries.shape[0] < MIN_QUERIES_PER_DEVICE * len(devices):
+    return None
+  return Mesh(np.asarray(devices), (QUERY_AXIS,))
+
+
+def knn_query_parallel(queries, keys, k: int, *, metric: str, implementation: str,
+                       block_sizes, mesh: Mesh):
+  """(distances, indices, certified): `queries` split over `mesh`, keys replicated.
+
+  The number of queries must be a multiple of the mesh size. The result comes back to
+  the device the queries came from.
+  """
+  home = (next(iter(queries.devices())) if isinstance(queries, jax.Array)
+          else jax.devices()[0])
+  queries = jax.device_put(queries, NamedSharding(mesh, P(QUERY_AXIS, None)))
+  keys = jax.device_put(keys, NamedSharding(mesh, P()))
+  out = _knn_query_parallel(queries, keys, k=k, metric=metric,
+                            implementation=implementation, block_sizes=block_sizes,
+                            mesh=mesh)
+  return jax.device_put(out, home)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric", "implementation", "block_sizes",
+                                             "mesh"))
+def _knn_query_parallel(queries, keys, *, k, metric, implementation, block_sizes, mesh):
+  from resmem_jax.kernels import api  # pylint: disable=g-import-not-at-top
+
+  def local(q, x):
+    q, x = api._promote(q, x)  # pylint: disable=protected-access
+    return api.search_certified(q, x, api.key_mean(x, metric), k, metric=metric,
+                                implementation=implementation, block_sizes=block_sizes)
+
+  rows = P(QUERY_AXIS)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(QUERY_AXIS, None), P()),
+                       out_specs=(rows, rows, rows), check_vma=False)(queries, keys)
 
 
 def placement(x) -> tuple | None:

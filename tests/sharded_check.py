@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import resmem_jax as rm  # noqa: E402
+from resmem_jax.kernels import sharded  # noqa: E402
 
 
 def same(a, b, what):
@@ -27,16 +28,31 @@ def same(a, b, what):
     raise AssertionError(f"{what}: sharded differs from one device at {diff[:5]}")
 
 
+def on_device_0(x):
+  """Committed to one device: `knn` then stays there instead of splitting the queries."""
+  return jax.device_put(x, jax.devices()[0])
+
+
 def check_knn(mesh, spec, keys, queries, k, metric, implementation, what):
-  single = rm.knn(queries, keys, k, metric=metric, implementation=implementation)
+  single = rm.knn(on_device_0(queries), on_device_0(keys), k, metric=metric,
+                  implementation=implementation)
+  assert len(single.indices.devices()) == 1
   placed = jax.device_put(keys, NamedSharding(mesh, spec))
   res = rm.knn(queries, placed, k, metric=metric, implementation=implementation)
   same(res.indices, single.indices, f"{what} indices")
   same(res.distances, single.distances, f"{what} distances")
+  # Uncommitted inputs: the queries are split over the 8 CPU devices, the keys copied.
+  split = rm.knn(queries, keys, k, metric=metric, implementation=implementation)
+  assert split.indices.devices() == {jax.devices()[0]}, split.indices.sharding
+  same(split.indices, single.indices, f"{what} query-parallel indices")
+  same(split.distances, single.distances, f"{what} query-parallel distances")
 
 
 def main():
   assert jax.device_count() == 8, jax.devices()
+  # Small enough inputs to split over 8 devices here; the production threshold
+  # (1024 queries per device) leaves them on one.
+  sharded.MIN_QUERIES_PER_DEVICE = 1
   rng = np.random.default_rng(0)
   mesh = jax.make_mesh((8,), ("data",))
   mesh2 = jax.make_mesh((4, 2), ("data", "model"))
@@ -57,6 +73,19 @@ def main():
   check_knn(mesh2, P("data", None), keys, queries, 7, "l2", "xla", "2-D mesh, rows on 'data'")
   check_knn(mesh2, P(("data", "model"), None), keys, queries, 7, "l2", "xla",
             "2-D mesh, rows on ('data', 'model')")
+  # A query count that is no multiple of 8 (the bucket of 37 is 40 = 8 x 5) and one
+  # that gives a device two rows (9 pads to 16), through the query-parallel path.
+  for n_q in (37, 9):
+    assert sharded.query_mesh(queries[:n_q], keys) is not None
+    same(rm.knn(queries[:n_q], keys, 5).indices,
+         rm.knn(on_device_0(queries[:n_q]), on_device_0(keys), 5).indices,
+         f"query-parallel, {n_q} queries")
+  assert sharded.query_mesh(on_device_0(queries), keys) is None
+  sharded.MIN_QUERIES_PER_DEVICE = 64
+  assert sharded.query_mesh(queries[:511], keys) is None  # 511 < 8 x 64
+  assert sharded.query_mesh(queries[:8].repeat(64, 0), keys) is not None
+  sharded.MIN_QUERIES_PER_DEVICE = 1
+
   tied = rm.knn(queries[5:6], jax.device_put(keys, NamedSharding(mesh, P("data", None))), 4)
   same(tied.indices, [[3, 150, 330, 460]], "ties order by global index")
 
