@@ -1,0 +1,45 @@
+"""The kNN benchmark runs end to end (small shapes) and writes what the README reports.
+
+Speed is never asserted here (the machine is shared): only that every column is
+there, that the JAX searches are exact, and that the CPU-device option takes effect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def run_bench(tmp_path, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "resmem_jax.kernels.bench", *args],
+                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_quick_bench_writes_exact_rows_for_both_device_layouts(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = run_bench(tmp_path, "--quick", "--configs", "C1,C2", "--repeats", "1",
+                   "--cpu-devices", "2", "--out", str(out))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["machine"]["jax_cpu_devices"] == 2
+  rows = {(r["config"], r["method"]): r for r in result["rows"]}
+  for config in ("C1", "C2"):
+    for method in ("xla", "xla-1dev"):
+      row = rows[(config, method)]
+      # Exact up to float32 rounding: a key within one float32 ulp of the true k-th
+      # distance is a tie no float32 search can order (C2 quick has one such row).
+      assert row["recall_f32"] == 1.0, row
+      assert row["recall"] >= 0.9999, row
+      assert row["seconds"] > 0 and row["gflops"] > 0 and row["peak_mb"] >= 0
+  assert result["sgemm_gflops"] > 0
+  assert "recall_f32" in proc.stdout
+
+
+def test_bench_rejects_bad_arguments(tmp_path):
+  for args in (("--cpu-devices", "0"), ("--configs", "C9"), ("--repeats", "0")):
+    proc = run_bench(tmp_path, *args)
+    assert proc.returncode == 2, (args, proc.stderr[-1000:])
+    assert args[0] in proc.stderr or args[1] in proc.stderr, proc.stderr[-1000:]
