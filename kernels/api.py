@@ -239,9 +239,10 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   On CPU, JAX runs a device's `top_k` selections on one core. In a process started
   with several CPU devices (`jax.config.update("jax_num_cpu_devices", os.cpu_count())`
   before the first JAX array), a large batch of queries (>= 1024 per device) held on
-  no particular device is split over them, keys copied to each, with the same bits
-  as one device; the result comes back to the queries' device. Commit the inputs to
-  one device (`jax.device_put(x, device)`) to keep the search there.
+  no particular device is split over them, keys copied to each (at most 1 GiB of
+  copies; see `sharded.query_mesh`), with the same bits as one device; the result
+  comes back to the queries' device. Commit the inputs to one device
+  (`jax.device_put(x, device)`) to keep the search there.
 
   Args:
     queries: (Q, D) floating array.

@@ -46,6 +46,10 @@ QUERY_AXIS = "queries"
 # (C3 of the benchmark, 1000 queries over 1M keys, ran 7% slower split over 2 devices
 # and held 2x the memory; 10k queries ran 9% and 25% faster at k = 10 and 100).
 MIN_QUERIES_PER_DEVICE = 1024
+# Bound on the extra memory of a query split: every further device holds a copy of the
+# keys and its own centred copy. Larger memories use fewer devices (or stay on one);
+# `rm.shard_memory` splits the rows instead and copies nothing.
+MAX_EXTRA_KEY_BYTES = 1 << 30
 
 
 def row_axes(x) -> tuple[str, ...] | None:
@@ -131,17 +135,19 @@ def query_mesh(queries, keys) -> Mesh | None:
   os.cpu_count())` before JAX starts) runs one program per device at once, so `knn`
   splits the queries over them; the keys are replicated (one copy per device) and
   every query sees the same program as on one device, so the result has the same
-  bits. Inputs placed explicitly (committed) or traced stay where they are, and so do
-  fewer than `MIN_QUERIES_PER_DEVICE` queries per device.
+  bits. Inputs placed explicitly (committed) or traced stay where they are. The mesh
+  takes as many devices as give each at least `MIN_QUERIES_PER_DEVICE` queries and
+  keep the copies of the keys within `MAX_EXTRA_KEY_BYTES`; fewer than two: None.
   """
   if jax.default_backend() != "cpu" or any(
       isinstance(x, jax.core.Tracer) or getattr(x, "committed", False)
       for x in (queries, keys)):
     return None
   devices = jax.local_devices(backend="cpu")
-  if len(devices) < 2 or queries.shape[0] < MIN_QUERIES_PER_DEVICE * len(devices):
-    return None
-  return Mesh(np.asarray(devices), (QUERY_AXIS,))
+  key_bytes = max(1, math.prod(keys.shape) * np.dtype(keys.dtype).itemsize)
+  n = min(len(devices), queries.shape[0] // MIN_QUERIES_PER_DEVICE,
+          1 + MAX_EXTRA_KEY_BYTES // (2 * key_bytes))
+  return Mesh(np.asarray(devices[:n]), (QUERY_AXIS,)) if n >= 2 else None
 
 
 def knn_query_parallel(queries, keys, k: int, *, metric: str, implementation: str,
