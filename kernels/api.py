@@ -301,7 +301,7 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   if n_q == 0:
     return KnnResult(jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32))
   padded = query_bucket(n_q)
-  mesh = None if sharded.row_axes(keys) is not None else sharded.query_mesh(queries, keys)
+  mesh = sharded.query_mesh(queries, keys)  # None for row-sharded (committed) keys
   if mesh is not None:  # an equal share of the queries for every CPU device
     padded = -(-padded // mesh.size) * mesh.size
   if padded != n_q:

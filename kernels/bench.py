@@ -168,19 +168,16 @@ def true_neighbours(queries: np.ndarray, keys: np.ndarray, k: int, block: int = 
   return out, dist
 
 
-def recall(indices: np.ndarray, truth: np.ndarray) -> float:
-  """Mean over queries of |returned & true| / k."""
-  k = truth.shape[1]
-  hits = [len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(indices, truth)]
-  return float(np.mean(hits) / k)
+def recalls(indices: np.ndarray, truth: np.ndarray, truth_dist: np.ndarray,
+            queries: np.ndarray, keys: np.ndarray) -> tuple[float, float]:
+  """(recall, recall_f32) of (Q, k) returned indices against the float64 truth.
 
-
-def recall_f32(indices: np.ndarray, truth: np.ndarray, truth_dist: np.ndarray,
-               queries: np.ndarray, keys: np.ndarray) -> float:
-  """`recall`, counting as correct a returned key outside the true k whose float64
-  distance is within one float32 ulp of the true k-th distance: a tie at float32
-  resolution, which no float32 search can order (the SPEC's "up to float32 rounding")."""
-  hits = 0
+  recall: mean over queries of |returned & true| / k. recall_f32 also counts as found
+  a returned key outside the true k whose float64 distance is within one float32 ulp
+  of the true k-th distance: a tie at float32 resolution, which no float32 search can
+  order (the SPEC's "up to float32 rounding").
+  """
+  hits = ties = 0
   kth = truth_dist[:, -1]
   for row, (a, b) in enumerate(zip(indices, truth)):
     extra = np.setdiff1d(a, b, assume_unique=True)
@@ -188,8 +185,8 @@ def recall_f32(indices: np.ndarray, truth: np.ndarray, truth_dist: np.ndarray,
     if len(extra):
       d = np.linalg.norm(keys[extra].astype(np.float64) - queries[row].astype(np.float64),
                          axis=1)
-      hits += int(np.sum(d - kth[row] <= np.spacing(np.float32(kth[row]))))
-  return float(hits / truth.size)
+      ties += int(np.sum(d - kth[row] <= np.spacing(np.float32(kth[row]))))
+  return hits / truth.size, (hits + ties) / truth.size
 
 
 # --------------------------------------------------------------------------------------
@@ -279,12 +276,11 @@ def run(names: list[str], *, quick: bool, repeats: int) -> dict:
     for method, make in available_methods(config).items():
       print(f"  {method} ...", end=" ", flush=True)
       seconds, cpu, peak, indices = time_best(make(queries, keys, config.k), repeats)
+      strict, with_ties = recalls(np.asarray(indices), truth, truth_dist, queries, keys)
       rows.append(dict(config=name, method=method, n=config.n, q=config.q, d=config.d,
                        k=config.k, seconds=seconds, cpu_s=cpu,
                        gflops=config.flops / seconds / 1e9,
-                       recall=recall(np.asarray(indices), truth),
-                       recall_f32=recall_f32(np.asarray(indices), truth, truth_dist,
-                                             queries, keys),
+                       recall=strict, recall_f32=with_ties,
                        peak_mb=peak,
                        data_mb=(queries.nbytes + keys.nbytes) / 2**20))
       print(f"{seconds:.3f}s", flush=True)

@@ -172,11 +172,9 @@ def knn_query_parallel(queries, keys, k: int, *, metric: str, implementation: st
 def _knn_query_parallel(queries, keys, *, k, metric, implementation, block_sizes, mesh):
   from resmem_jax.kernels import api  # pylint: disable=g-import-not-at-top
 
-  def local(q, x):
-    q, x = api._promote(q, x)  # pylint: disable=protected-access
-    return api.search_certified(q, x, api.key_mean(x, metric), k, metric=metric,
-                                implementation=implementation, block_sizes=block_sizes)
-
+  # Each device runs the single-device search on its share of the queries.
+  local = functools.partial(api._knn_padded, k=k, metric=metric,  # pylint: disable=protected-access
+                            implementation=implementation, block_sizes=block_sizes)
   rows = P(QUERY_AXIS)
   return jax.shard_map(local, mesh=mesh, in_specs=(P(QUERY_AXIS, None), P()),
                        out_specs=(rows, rows, rows), check_vma=False)(queries, keys)

@@ -23,6 +23,7 @@ import ml_collections
 
 from resmem_jax.configs import common
 
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, quick=False)
   c = common.base_config()
