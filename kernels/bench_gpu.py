@@ -1,0 +1,368 @@
+"""Accelerator benchmark of the exact kNN: the Pallas kernel against the XLA path and torch.
+
+    python -m resmem_jax.kernels.bench_gpu --out gpu_bench.json      # C1, C2, C3, G4
+    python -m resmem_jax.kernels.bench_gpu --tiles 32x32,64x64,16x128 # also Pallas tiles
+    python -m resmem_jax.kernels.bench_gpu --quick                    # tiny shapes (on CPU
+                                                                      # the kernel is interpreted)
+
+Configs (Gaussian float32 data, seed 0, metric l2): C1, C2 and C3 of `kernels/bench.py`,
+and G4: N=1M, Q=10k, d=256, k=10. Everything runs in one process on JAX's default
+device, on the same data, so the ratios between methods are measured side by side.
+
+Methods:
+  pallas       `resmem_jax.knn(..., implementation="pallas")`: the public op (validation,
+               centring, the kernel, exact re-scoring, certificate), default tiles;
+  pallas BQxBN the same with `BlockSizes(block_q=BQ, block_n=BN)` (`--tiles`);
+  pallas-raw   the kernel alone (`pallas_knn.knn_pallas`, jitted) on centred inputs: its
+               own throughput, without the wrapper;
+  xla          `resmem_jax.knn(..., implementation="xla")`, the blocked XLA search;
+  torch        `torch.cdist` + `torch.topk(largest=False)` in float32 with TF32 off (the
+               same precision as ours), in blocks of `--torch-block` queries (G4's whole
+               (Q, N) matrix would be 40 GB). Only where torch sees the device.
+Where the kernel does not support a config (the Triton kernel keeps k + margin <= 32
+candidates in registers, so not C2), its rows say so instead of a time.
+
+Columns:
+  seconds     best of `--repeats` calls after one warm-up call (compilation), the device
+              synchronized, inputs already on the device;
+  TFLOP/s     2 Q N d / seconds (the matmul work; selection is not counted);
+  frac_peak   TFLOP/s / the FP32 (non-tensor-core) peak of the GPU model, from NVIDIA's
+              datasheets (`FP32_PEAK_TFLOPS`); None for a model not in the table;
+  frac_sgemm  TFLOP/s / a float32 8192^3 `jnp.dot` at Precision.HIGHEST in the same run;
+  x_xla       xla seconds / seconds;  x_torch: torch seconds / seconds;
+  recall      |returned & true| / k averaged over queries, against a float64 oracle
+              (torch float64 on the device where torch is there, else NumPy);
+  recall_f32  the same, counting a returned key within one float32 ulp of the true k-th
+              distance as found (a float32 tie; see `kernels/bench.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Callable
+
+# JAX would otherwise take 75% of the GPU's memory when it starts, leaving torch (the
+# baseline and the float64 oracle) too little; read when the backend starts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import resmem_jax  # noqa: E402
+from resmem_jax.kernels import api  # noqa: E402
+from resmem_jax.kernels.base import BlockSizes  # noqa: E402
+from resmem_jax.kernels.bench import CONFIGS as CPU_CONFIGS  # noqa: E402
+from resmem_jax.kernels.bench import Config, make_data, recalls, true_neighbours  # noqa: E402
+
+try:
+  from resmem_jax.kernels import pallas_knn
+except ImportError:  # pragma: no cover - a jax without Pallas
+  pallas_knn = None
+
+CONFIGS = {**CPU_CONFIGS, "G4": Config(n=1_000_000, q=10_000, d=256, k=10)}
+QUICK_CONFIGS = {
+    "C1": Config(n=4096, q=256, d=128, k=10),
+    "C2": Config(n=4096, q=256, d=128, k=100),
+    "C3": Config(n=16_384, q=64, d=64, k=10),
+    "G4": Config(n=8192, q=128, d=256, k=10),
+}
+# FP32 (CUDA-core, not tensor-core) peak TFLOP/s from NVIDIA's datasheets, matched in
+# order against `device_kind` (more specific names first).
+FP32_PEAK_TFLOPS = (
+    ("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200", 66.9),
+    ("A100", 19.5), ("L4", 30.3), ("T4", 8.1), ("V100", 15.7),
+)
+SGEMM_SIZE = 8192
+
+
+def fp32_peak(device_kind: str) -> float | None:
+  for name, peak in FP32_PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def time_best(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+  """(best wall seconds of `repeats` calls after a warm-up call, last output).
+  `fn` must return only once the device is done."""
+  out = fn()
+  best = np.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, out
+
+
+def sgemm_tflops(repeats: int, size: int) -> float:
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  matmul = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST))
+  seconds, _ = time_best(lambda: matmul(a).block_until_ready(), repeats)
+  return 2.0 * size**3 / seconds / 1e12
+
+
+# --------------------------------------------------------------------------------------
+# torch (optional): the usual GPU baseline, and a float64 oracle on the device.
+
+
+def torch_device():
+  """The torch device matching JAX's backend, or None (no torch, or it cannot see it)."""
+  try:
+    import torch  # pytype: disable=import-error
+  except ImportError:
+    return None
+  if jax.default_backend() == "gpu":
+    return torch.device("cuda") if torch.cuda.is_available() else None
+  return torch.device("cpu") if jax.default_backend() == "cpu" else None
+
+
+def torch_method(device, block: int):
+  import torch  # pytype: disable=import-error
+
+  def make(queries, keys, k):
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 products, as ours
+    torch.backends.cudnn.allow_tf32 = False
+    q = torch.from_numpy(queries).to(device)
+    x = torch.from_numpy(keys).to(device)
+
+    def search():
+      parts = []
+      for start in range(0, q.shape[0], block):
+        dist = torch.cdist(q[start:start + block], x)
+        parts.append(torch.topk(dist, k, dim=1, largest=False).indices)
+      out = torch.cat(parts)
+      if device.type == "cuda":
+        torch.cuda.synchronize()
+      return out
+
+    return lambda: search().cpu().numpy()
+
+  return make
+
+
+def torch_true_neighbours(queries, keys, k, device, block: int = 1024):
+  """`bench.true_neighbours` in torch float64 on `device`: (Q, k) indices, distances."""
+  import torch  # pytype: disable=import-error
+
+  x = torch.from_numpy(keys).to(device, torch.float64)
+  mean = x.mean(dim=0)
+  x -= mean
+  x_sq = (x * x).sum(dim=1)
+  out, dist = [], []
+  for start in range(0, len(queries), block):
+    q = torch.from_numpy(queries[start:start + block]).to(device, torch.float64) - mean
+    scores = x_sq[None, :] - 2.0 * (q @ x.T)
+    best = torch.topk(scores, k, dim=1, largest=False, sorted=True)
+    out.append(best.indices.cpu().numpy())
+    dist.append(torch.sqrt(torch.clamp(best.values + (q * q).sum(dim=1, keepdim=True),
+                                       min=0.0)).cpu().numpy())
+  return np.concatenate(out), np.concatenate(dist)
+
+
+# --------------------------------------------------------------------------------------
+# JAX methods.
+
+
+def jax_method(implementation: str, block_sizes: BlockSizes | None = None):
+  def make(queries, keys, k):
+    q, x = jnp.asarray(queries), jnp.asarray(keys)
+
+    def search():
+      result = resmem_jax.knn(q, x, k, implementation=implementation,
+                              block_sizes=block_sizes)
+      return np.asarray(jax.block_until_ready(result.indices))
+
+    return search
+
+  return make
+
+
+def pallas_raw_method(queries, keys, k):
+  """The kernel alone on centred inputs, at the public op's candidate count."""
+  m = api.n_candidates(k, keys.shape[0], "l2")
+  mean = keys.mean(axis=0, dtype=np.float64).astype(np.float32)
+  q, x = jnp.asarray(queries - mean), jnp.asarray(keys - mean)
+  kernel = jax.jit(lambda q, x: pallas_knn.knn_pallas(q, x, m, metric="l2")[1])
+
+  def search():
+    return np.asarray(jax.block_until_ready(kernel(q, x)))[:, :k]
+
+  return search
+
+
+def pallas_support(config: Config, backend: str) -> str | None:
+  """None if the kernel runs this config on `backend`, else the reason it does not."""
+  if pallas_knn is None:
+    return "this jax has no Pallas"
+  m = api.n_candidates(config.k, config.n, "l2")
+  if backend == "cpu":  # interpreted: the TPU kernel's limits
+    return None if m <= pallas_knn.MAX_K else f"k + margin = {m} > MAX_K = {pallas_knn.MAX_K}"
+  if pallas_knn.is_supported(k=m, dim=config.d, dtype=jnp.float32, platform=backend):
+    return None
+  limit = pallas_knn.GPU_MAX_K if backend == "gpu" else pallas_knn.MAX_K
+  return f"k + margin = {m}, d = {config.d}: beyond the {backend} kernel (k <= {limit})"
+
+
+def parse_tiles(text: str) -> list[BlockSizes]:
+  tiles = []
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    try:
+      block_q, block_n = (int(v) for v in item.lower().split("x"))
+      tiles.append(BlockSizes(block_q=block_q, block_n=block_n, chunk=0))
+    except ValueError as err:
+      raise ValueError(f"--tiles entry {item!r} must be BQxBN with positive ints "
+                       f"({err})") from None
+  return tiles
+
+
+def methods_for(config: Config, backend: str, tiles: list[BlockSizes], torch_dev,
+                torch_block: int) -> tuple[dict[str, Callable], dict[str, str]]:
+  """({name: make(queries, keys, k) -> search}, {name: why it is skipped})."""
+  methods, skipped = {}, {}
+  reason = pallas_support(config, backend)
+  names = ["pallas", "pallas-raw"] + [f"pallas {t.block_q}x{t.block_n}" for t in tiles]
+  if reason is None:
+    methods["pallas"] = jax_method("pallas")
+    methods["pallas-raw"] = pallas_raw_method
+    for tile, name in zip(tiles, names[2:]):
+      methods[name] = jax_method("pallas", tile)
+  else:
+    skipped.update({name: reason for name in names})
+  methods["xla"] = jax_method("xla")
+  if torch_dev is not None:
+    methods["torch"] = torch_method(torch_dev, torch_block)
+  else:
+    skipped["torch"] = "torch is not installed or does not see this device"
+  return methods, skipped
+
+
+# --------------------------------------------------------------------------------------
+# Driver.
+
+
+def run(names: list[str], *, quick: bool, repeats: int, tiles: list[BlockSizes],
+        torch_block: int) -> dict:
+  configs = QUICK_CONFIGS if quick else CONFIGS
+  backend = jax.default_backend()
+  device = jax.devices()[0]
+  torch_dev = torch_device()
+  started = time.time()
+  size = 1024 if backend == "cpu" else SGEMM_SIZE
+  print(f"{device.device_kind} ({backend}); sgemm {size}^3 ...", flush=True)
+  sgemm = sgemm_tflops(repeats, size)
+  peak = fp32_peak(device.device_kind) if backend == "gpu" else None
+  rows = []
+  for name in names:
+    config = configs[name]
+    print(f"\n{name}: N={config.n} Q={config.q} d={config.d} k={config.k}", flush=True)
+    queries, keys = make_data(config)
+    t0 = time.perf_counter()
+    if torch_dev is not None:
+      truth, truth_dist = torch_true_neighbours(queries, keys, config.k, torch_dev)
+      oracle = f"torch float64 on {torch_dev}"
+    else:
+      truth, truth_dist = true_neighbours(queries, keys, config.k)
+      oracle = "NumPy float64"
+    print(f"  {oracle} oracle: {time.perf_counter() - t0:.1f}s", flush=True)
+    methods, skipped = methods_for(config, backend, tiles, torch_dev, torch_block)
+    for method, make in methods.items():
+      print(f"  {method} ...", end=" ", flush=True)
+      seconds, indices = time_best(make(queries, keys, config.k), repeats)
+      strict, with_ties = recalls(np.asarray(indices), truth, truth_dist, queries, keys)
+      tflops = config.flops / seconds / 1e12
+      rows.append(dict(config=name, method=method, n=config.n, q=config.q, d=config.d,
+                       k=config.k, seconds=seconds, tflops=tflops,
+                       frac_peak=tflops / peak if peak else None,
+                       frac_sgemm=tflops / sgemm, recall=strict, recall_f32=with_ties,
+                       oracle=oracle))
+      print(f"{seconds:.4f}s  recall {strict:.6f}", flush=True)
+    for method, why in skipped.items():
+      rows.append(dict(config=name, method=method, n=config.n, q=config.q, d=config.d,
+                       k=config.k, seconds=None, skipped=why))
+      print(f"  {method}: skipped ({why})", flush=True)
+  for row in rows:
+    for peer in ("xla", "torch"):
+      other = [r for r in rows if r["config"] == row["config"] and r["method"] == peer
+               and r["seconds"]]
+      row[f"x_{peer}"] = (other[0]["seconds"] / row["seconds"]
+                          if other and row["seconds"] else None)
+  try:
+    import torch  # pytype: disable=import-error
+    torch_version = torch.__version__
+  except ImportError:
+    torch_version = None
+  return dict(
+      rows=rows, sgemm_tflops=sgemm, sgemm_size=size, fp32_peak_tflops=peak,
+      quick=quick, repeats=repeats,
+      machine=dict(device_kind=device.device_kind, backend=backend,
+                   platform=platform.platform(), jax=jax.__version__, torch=torch_version,
+                   pallas_gpu_backend="triton" if backend == "gpu" else None),
+      wall_seconds=time.time() - started)
+
+
+def _fmt(value, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def format_table(result: dict) -> str:
+  header = (f"{'config':6} {'method':16} {'seconds':>9} {'TFLOP/s':>8} {'frac_peak':>9} "
+            f"{'frac_sgemm':>10} {'x_xla':>6} {'x_torch':>7} {'recall':>8} {'recall_f32':>10}")
+  lines = [header, "-" * len(header)]
+  for r in result["rows"]:
+    if r["seconds"] is None:
+      lines.append(f"{r['config']:6} {r['method']:16} skipped: {r['skipped']}")
+      continue
+    lines.append(
+        f"{r['config']:6} {r['method']:16} {r['seconds']:9.4f} {r['tflops']:8.2f} "
+        f"{_fmt(r['frac_peak'], '.2f'):>9} {r['frac_sgemm']:10.2f} "
+        f"{_fmt(r['x_xla'], '.2f'):>6} {_fmt(r['x_torch'], '.2f'):>7} "
+        f"{r['recall']:8.6f} {r['recall_f32']:10.6f}")
+  m = result["machine"]
+  lines.append(f"{m['device_kind']} ({m['backend']}), jax {m['jax']}, torch {m['torch']}; "
+               f"sgemm {result['sgemm_size']}^3 (jnp.dot, HIGHEST) "
+               f"{result['sgemm_tflops']:.2f} TFLOP/s; FP32 peak "
+               f"{_fmt(result['fp32_peak_tflops'], '.1f')} TFLOP/s")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--configs", default="C1,C2,C3,G4",
+                      help="comma-separated, of " + ",".join(CONFIGS))
+  parser.add_argument("--quick", action="store_true", help="tiny shapes (plumbing)")
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls per method")
+  parser.add_argument("--tiles", default="", help="extra Pallas tiles, e.g. 32x32,64x64")
+  parser.add_argument("--torch-block", type=int, default=2048,
+                      help="queries per torch.cdist call")
+  parser.add_argument("--out", default="gpu_bench.json", help="JSON output path")
+  args = parser.parse_args(argv)
+  names = [name.strip() for name in args.configs.split(",") if name.strip()]
+  unknown = [name for name in names if name not in CONFIGS]
+  if unknown:
+    parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
+  if args.repeats < 1:
+    parser.error(f"--repeats must be >= 1, got {args.repeats}")
+  if args.torch_block < 1:
+    parser.error(f"--torch-block must be >= 1, got {args.torch_block}")
+  try:
+    tiles = parse_tiles(args.tiles)
+  except ValueError as err:
+    parser.error(str(err))
+  if jax.default_backend() == "cpu" and not args.quick:
+    parser.error("no GPU or TPU: the Pallas kernel would run interpreted; use --quick "
+                 "(plumbing) or kernels/bench.py (CPU speed)")
+  result = run(names, quick=args.quick, repeats=args.repeats, tiles=tiles,
+               torch_block=args.torch_block)
+  print("\n" + format_table(result))
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

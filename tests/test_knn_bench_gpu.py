@@ -1,0 +1,73 @@
+"""The accelerator benchmark's plumbing, on CPU: tiny shapes with the kernel interpreted.
+
+Its numbers only mean something on a GPU; here it must run end to end, write every
+column, find the exact neighbours with each method, and refuse what it cannot measure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from resmem_jax.kernels import bench_gpu
+
+
+def run_bench(tmp_path, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "resmem_jax.kernels.bench_gpu", *args],
+                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_quick_run_writes_exact_rows_for_every_method(tmp_path):
+  out = tmp_path / "gpu.json"
+  proc = run_bench(tmp_path, "--quick", "--configs", "C1,C2", "--repeats", "1",
+                   "--tiles", "16x256", "--out", str(out))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["machine"]["backend"] == "cpu"
+  assert result["sgemm_tflops"] > 0 and result["fp32_peak_tflops"] is None
+  rows = {(r["config"], r["method"]): r for r in result["rows"]}
+  for config in ("C1", "C2"):
+    for method in ("pallas", "pallas-raw", "pallas 16x256", "xla"):
+      row = rows[(config, method)]
+      assert row["recall_f32"] == 1.0 and row["recall"] >= 0.999, row
+      assert row["seconds"] > 0 and row["tflops"] > 0 and row["frac_peak"] is None
+    assert rows[(config, "xla")]["x_xla"] == 1.0
+    torch_row = rows[(config, "torch")]
+    if torch_row["seconds"] is None:  # torch absent (or blind to the device): said so
+      assert "torch" in torch_row["skipped"]
+  assert "recall_f32" in proc.stdout and "skipped" in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--configs", "C9"), "C9"),
+    (("--quick", "--repeats", "0"), "--repeats"),
+    (("--quick", "--tiles", "16x"), "--tiles"),
+    (("--quick", "--torch-block", "0"), "--torch-block"),
+    ((), "--quick"),  # no accelerator: a full run would time the interpreter
+])
+def test_rejects_what_it_cannot_measure(tmp_path, args, needle):
+  proc = run_bench(tmp_path, *args)
+  assert proc.returncode == 2, (args, proc.stderr[-1000:])
+  assert needle in proc.stderr, proc.stderr[-1000:]
+
+
+def test_fp32_peak_matches_the_most_specific_model():
+  assert bench_gpu.fp32_peak("NVIDIA H100 PCIe") == 51.2
+  assert bench_gpu.fp32_peak("NVIDIA H100 80GB HBM3") == 66.9
+  assert bench_gpu.fp32_peak("NVIDIA H200") == 66.9
+  assert bench_gpu.fp32_peak("TPU v5 lite") is None
+
+
+def test_unsupported_configs_are_reported_not_timed():
+  c2 = bench_gpu.CONFIGS["C2"]  # k = 100: 106 candidates, beyond the Triton kernel's 32
+  reason = bench_gpu.pallas_support(c2, "gpu")
+  assert reason is not None and "106" in reason
+  methods, skipped = bench_gpu.methods_for(c2, "gpu", [], None, 1024)
+  assert set(methods) == {"xla"}
+  assert {"pallas", "pallas-raw", "torch"} <= set(skipped)
+  assert bench_gpu.pallas_support(bench_gpu.CONFIGS["C1"], "cpu") is None
