@@ -168,6 +168,23 @@ def true_neighbours(queries: np.ndarray, keys: np.ndarray, k: int, block: int = 
   return out, dist
 
 
+def shared_oracle(cache: dict, config: Config, configs: list[Config], queries: np.ndarray,
+                  keys: np.ndarray, compute=None, label: str = "float64"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """`compute(queries, keys, k)` (default `true_neighbours`) for `config`, cut to its k.
+
+  Configs on the same data (C1, C2) share one oracle in `cache`, computed once at the
+  largest k among `configs`.
+  """
+  shape = (config.n, config.q, config.d)
+  if shape not in cache:
+    start = time.perf_counter()
+    k_max = max(other.k for other in configs if (other.n, other.q, other.d) == shape)
+    cache[shape] = (compute or true_neighbours)(queries, keys, k_max)
+    print(f"  {label} oracle (k={k_max}): {time.perf_counter() - start:.1f}s", flush=True)
+  return tuple(t[:, :config.k] for t in cache[shape])
+
+
 def recalls(indices: np.ndarray, truth: np.ndarray, truth_dist: np.ndarray,
             queries: np.ndarray, keys: np.ndarray) -> tuple[float, float]:
   """(recall, recall_f32) of (Q, k) returned indices against the float64 truth.
@@ -193,14 +210,16 @@ def recalls(indices: np.ndarray, truth: np.ndarray, truth_dist: np.ndarray,
 # Methods: each takes the float32 NumPy data and returns a zero-argument search.
 
 
-def jax_method(implementation: str, one_device: bool = False):
+def jax_method(implementation: str, one_device: bool = False,
+               block_sizes: resmem_jax.BlockSizes | None = None):
   def make(queries, keys, k):
     q, x = jnp.asarray(queries), jnp.asarray(keys)
     if one_device:  # committed inputs: knn stays on this device
       q, x = jax.device_put((q, x), jax.devices()[0])
 
     def search():
-      result = resmem_jax.knn(q, x, k, implementation=implementation)
+      result = resmem_jax.knn(q, x, k, implementation=implementation,
+                              block_sizes=block_sizes)
       return np.asarray(jax.block_until_ready(result.indices))
 
     return search
@@ -260,19 +279,13 @@ def run(names: list[str], *, quick: bool, repeats: int) -> dict:
   print(f"sgemm 4096^3 ...", flush=True)
   gemm_before = sgemm_rate(repeats)
   rows = []
-  truths = {}  # configs on the same data (C1, C2) share one oracle, at their largest k
+  truths = {}
   for name in names:
     config = configs[name]
     print(f"\n{name}: N={config.n} Q={config.q} d={config.d} k={config.k}", flush=True)
     queries, keys = make_data(config)
-    shape = (config.n, config.q, config.d)
-    if shape not in truths:
-      t0 = time.perf_counter()
-      k_max = max(configs[other].k for other in names if
-                  (configs[other].n, configs[other].q, configs[other].d) == shape)
-      truths[shape] = true_neighbours(queries, keys, k_max)
-      print(f"  float64 oracle (k={k_max}): {time.perf_counter() - t0:.1f}s", flush=True)
-    truth, truth_dist = (t[:, :config.k] for t in truths[shape])
+    truth, truth_dist = shared_oracle(truths, config, [configs[n] for n in names],
+                                      queries, keys)
     for method, make in available_methods(config).items():
       print(f"  {method} ...", end=" ", flush=True)
       seconds, cpu, peak, indices = time_best(make(queries, keys, config.k), repeats)
@@ -325,12 +338,31 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, configs: dict, *, quick_help: str,
+                         out: str) -> None:
+  """--configs, --quick, --repeats and --out, shared with `bench_gpu`."""
+  parser.add_argument("--configs", default=",".join(configs),
+                      help="comma-separated, of " + ",".join(configs))
+  parser.add_argument("--quick", action="store_true", help=quick_help)
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls per method")
+  parser.add_argument("--out", default=out, help="JSON output path")
+
+
+def config_names(parser: argparse.ArgumentParser, args, configs: dict) -> list[str]:
+  """The --configs names, after checking them and --repeats (exits 2 on bad input)."""
+  names = [name.strip() for name in args.configs.split(",") if name.strip()]
+  unknown = [name for name in names if name not in configs]
+  if unknown:
+    parser.error(f"unknown configs {unknown}; choose from {sorted(configs)}")
+  if args.repeats < 1:
+    parser.error(f"--repeats must be >= 1, got {args.repeats}")
+  return names
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", default="C1,C2,C3", help="comma-separated, of C1,C2,C3")
-  parser.add_argument("--quick", action="store_true", help="small shapes, < 1 minute")
-  parser.add_argument("--repeats", type=int, default=3, help="timed calls per method")
-  parser.add_argument("--out", default="knn_bench.json", help="JSON output path")
+  add_common_arguments(parser, CONFIGS, quick_help="small shapes, < 1 minute",
+                       out="knn_bench.json")
   parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
                       help="JAX CPU devices (default: one per core); knn splits the "
                            "queries over them. 1 gives the single-device search alone")
@@ -339,12 +371,7 @@ def main(argv=None):
     parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
   # Fixed when the CPU backend starts, so before any array exists.
   jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-  names = [name.strip() for name in args.configs.split(",") if name.strip()]
-  unknown = [name for name in names if name not in CONFIGS]
-  if unknown:
-    parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
-  if args.repeats < 1:
-    parser.error(f"--repeats must be >= 1, got {args.repeats}")
+  names = config_names(parser, args, CONFIGS)
   result = run(names, quick=args.quick, repeats=args.repeats)
   print("\n" + format_table(result))
   with open(args.out, "w") as f:

@@ -39,9 +39,11 @@ Columns:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import sys
 import time
 from typing import Callable
 
@@ -53,18 +55,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import resmem_jax  # noqa: E402
 from resmem_jax.kernels import api  # noqa: E402
 from resmem_jax.kernels.base import BlockSizes  # noqa: E402
-from resmem_jax.kernels.bench import CONFIGS as CPU_CONFIGS  # noqa: E402
-from resmem_jax.kernels.bench import Config, make_data, recalls, true_neighbours  # noqa: E402
+from resmem_jax.kernels import bench  # noqa: E402
+from resmem_jax.kernels.bench import Config, jax_method  # noqa: E402
 
 try:
   from resmem_jax.kernels import pallas_knn
 except ImportError:  # pragma: no cover - a jax without Pallas
   pallas_knn = None
 
-CONFIGS = {**CPU_CONFIGS, "G4": Config(n=1_000_000, q=10_000, d=256, k=10)}
+CONFIGS = {**bench.CONFIGS, "G4": Config(n=1_000_000, q=10_000, d=256, k=10)}
 QUICK_CONFIGS = {
     "C1": Config(n=4096, q=256, d=128, k=10),
     "C2": Config(n=4096, q=256, d=128, k=100),
@@ -85,25 +86,6 @@ def fp32_peak(device_kind: str) -> float | None:
     if name.lower() in device_kind.lower():
       return peak
   return None
-
-
-def time_best(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-  """(best wall seconds of `repeats` calls after a warm-up call, last output).
-  `fn` must return only once the device is done."""
-  out = fn()
-  best = np.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    best = min(best, time.perf_counter() - start)
-  return best, out
-
-
-def sgemm_tflops(repeats: int, size: int) -> float:
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  matmul = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST))
-  seconds, _ = time_best(lambda: matmul(a).block_until_ready(), repeats)
-  return 2.0 * size**3 / seconds / 1e12
 
 
 # --------------------------------------------------------------------------------------
@@ -168,20 +150,6 @@ def torch_true_neighbours(queries, keys, k, device, block: int = 1024):
 # JAX methods.
 
 
-def jax_method(implementation: str, block_sizes: BlockSizes | None = None):
-  def make(queries, keys, k):
-    q, x = jnp.asarray(queries), jnp.asarray(keys)
-
-    def search():
-      result = resmem_jax.knn(q, x, k, implementation=implementation,
-                              block_sizes=block_sizes)
-      return np.asarray(jax.block_until_ready(result.indices))
-
-    return search
-
-  return make
-
-
 def pallas_raw_method(queries, keys, k):
   """The kernel alone on centred inputs, at the public op's candidate count."""
   m = api.n_candidates(k, keys.shape[0], "l2")
@@ -225,14 +193,13 @@ def methods_for(config: Config, backend: str, tiles: list[BlockSizes], torch_dev
   """({name: make(queries, keys, k) -> search}, {name: why it is skipped})."""
   methods, skipped = {}, {}
   reason = pallas_support(config, backend)
-  names = ["pallas", "pallas-raw"] + [f"pallas {t.block_q}x{t.block_n}" for t in tiles]
+  pallas = {"pallas": jax_method("pallas"), "pallas-raw": pallas_raw_method}
+  pallas.update({f"pallas {t.block_q}x{t.block_n}": jax_method("pallas", block_sizes=t)
+                 for t in tiles})
   if reason is None:
-    methods["pallas"] = jax_method("pallas")
-    methods["pallas-raw"] = pallas_raw_method
-    for tile, name in zip(tiles, names[2:]):
-      methods[name] = jax_method("pallas", tile)
+    methods.update(pallas)
   else:
-    skipped.update({name: reason for name in names})
+    skipped.update(dict.fromkeys(pallas, reason))
   methods["xla"] = jax_method("xla")
   if torch_dev is not None:
     methods["torch"] = torch_method(torch_dev, torch_block)
@@ -254,26 +221,28 @@ def run(names: list[str], *, quick: bool, repeats: int, tiles: list[BlockSizes],
   started = time.time()
   size = 1024 if backend == "cpu" else SGEMM_SIZE
   print(f"{device.device_kind} ({backend}); sgemm {size}^3 ...", flush=True)
-  sgemm = sgemm_tflops(repeats, size)
+  sgemm = bench.sgemm_rate(repeats, size)[0] / 1e3
   peak = fp32_peak(device.device_kind) if backend == "gpu" else None
+  if torch_dev is not None:
+    oracle = f"torch float64 on {torch_dev}"
+    compute = functools.partial(torch_true_neighbours, device=torch_dev)
+  else:
+    oracle, compute = "NumPy float64", bench.true_neighbours
   rows = []
+  truths = {}
   for name in names:
     config = configs[name]
     print(f"\n{name}: N={config.n} Q={config.q} d={config.d} k={config.k}", flush=True)
-    queries, keys = make_data(config)
-    t0 = time.perf_counter()
-    if torch_dev is not None:
-      truth, truth_dist = torch_true_neighbours(queries, keys, config.k, torch_dev)
-      oracle = f"torch float64 on {torch_dev}"
-    else:
-      truth, truth_dist = true_neighbours(queries, keys, config.k)
-      oracle = "NumPy float64"
-    print(f"  {oracle} oracle: {time.perf_counter() - t0:.1f}s", flush=True)
+    queries, keys = bench.make_data(config)
+    truth, truth_dist = bench.shared_oracle(truths, config, [configs[n] for n in names],
+                                            queries, keys, compute, oracle)
     methods, skipped = methods_for(config, backend, tiles, torch_dev, torch_block)
     for method, make in methods.items():
       print(f"  {method} ...", end=" ", flush=True)
-      seconds, indices = time_best(make(queries, keys, config.k), repeats)
-      strict, with_ties = recalls(np.asarray(indices), truth, truth_dist, queries, keys)
+      # Every search returns host indices, so the device has finished when it returns.
+      seconds, _, _, indices = bench.time_best(make(queries, keys, config.k), repeats)
+      strict, with_ties = bench.recalls(np.asarray(indices), truth, truth_dist, queries,
+                                        keys)
       tflops = config.flops / seconds / 1e12
       rows.append(dict(config=name, method=method, n=config.n, q=config.q, d=config.d,
                        k=config.k, seconds=seconds, tflops=tflops,
@@ -291,16 +260,13 @@ def run(names: list[str], *, quick: bool, repeats: int, tiles: list[BlockSizes],
                and r["seconds"]]
       row[f"x_{peer}"] = (other[0]["seconds"] / row["seconds"]
                           if other and row["seconds"] else None)
-  try:
-    import torch  # pytype: disable=import-error
-    torch_version = torch.__version__
-  except ImportError:
-    torch_version = None
+  torch = sys.modules.get("torch")  # imported by torch_device() when installed
   return dict(
       rows=rows, sgemm_tflops=sgemm, sgemm_size=size, fp32_peak_tflops=peak,
       quick=quick, repeats=repeats,
       machine=dict(device_kind=device.device_kind, backend=backend,
-                   platform=platform.platform(), jax=jax.__version__, torch=torch_version,
+                   platform=platform.platform(), jax=jax.__version__,
+                   torch=torch and torch.__version__,
                    pallas_gpu_backend="triton" if backend == "gpu" else None),
       wall_seconds=time.time() - started)
 
@@ -332,21 +298,13 @@ def format_table(result: dict) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", default="C1,C2,C3,G4",
-                      help="comma-separated, of " + ",".join(CONFIGS))
-  parser.add_argument("--quick", action="store_true", help="tiny shapes (plumbing)")
-  parser.add_argument("--repeats", type=int, default=3, help="timed calls per method")
+  bench.add_common_arguments(parser, CONFIGS, quick_help="tiny shapes (plumbing)",
+                             out="gpu_bench.json")
   parser.add_argument("--tiles", default="", help="extra Pallas tiles, e.g. 32x32,64x64")
   parser.add_argument("--torch-block", type=int, default=2048,
                       help="queries per torch.cdist call")
-  parser.add_argument("--out", default="gpu_bench.json", help="JSON output path")
   args = parser.parse_args(argv)
-  names = [name.strip() for name in args.configs.split(",") if name.strip()]
-  unknown = [name for name in names if name not in CONFIGS]
-  if unknown:
-    parser.error(f"unknown configs {unknown}; choose from {sorted(CONFIGS)}")
-  if args.repeats < 1:
-    parser.error(f"--repeats must be >= 1, got {args.repeats}")
+  names = bench.config_names(parser, args, CONFIGS)
   if args.torch_block < 1:
     parser.error(f"--torch-block must be >= 1, got {args.torch_block}")
   try:

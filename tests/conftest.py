@@ -1,6 +1,8 @@
 """Test-wide settings: rank promotion is an error, hypothesis runs a CI-sized budget."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -25,3 +27,15 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "accelerator" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture
+def run_module(tmp_path):
+  """Runs `python -m module *args` on the CPU backend in tmp_path (a benchmark's CLI)."""
+
+  def run(module, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", module, *args], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+  return run

@@ -7,21 +7,14 @@ there, that the JAX searches are exact, and that the CPU-device option takes eff
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+
+BENCH = "resmem_jax.kernels.bench"
 
 
-def run_bench(tmp_path, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "resmem_jax.kernels.bench", *args],
-                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-
-
-def test_quick_bench_writes_exact_rows_for_both_device_layouts(tmp_path):
+def test_quick_bench_writes_exact_rows_for_both_device_layouts(tmp_path, run_module):
   out = tmp_path / "bench.json"
-  proc = run_bench(tmp_path, "--quick", "--configs", "C1,C2", "--repeats", "1",
-                   "--cpu-devices", "2", "--out", str(out))
+  proc = run_module(BENCH, "--quick", "--configs", "C1,C2", "--repeats", "1",
+                    "--cpu-devices", "2", "--out", str(out))
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["machine"]["jax_cpu_devices"] == 2
@@ -38,8 +31,8 @@ def test_quick_bench_writes_exact_rows_for_both_device_layouts(tmp_path):
   assert "recall_f32" in proc.stdout
 
 
-def test_bench_rejects_bad_arguments(tmp_path):
+def test_bench_rejects_bad_arguments(run_module):
   for args in (("--cpu-devices", "0"), ("--configs", "C9"), ("--repeats", "0")):
-    proc = run_bench(tmp_path, *args)
+    proc = run_module(BENCH, *args)
     assert proc.returncode == 2, (args, proc.stderr[-1000:])
     assert args[0] in proc.stderr or args[1] in proc.stderr, proc.stderr[-1000:]

@@ -7,25 +7,18 @@ column, find the exact neighbours with each method, and refuse what it cannot me
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from resmem_jax.kernels import bench_gpu
 
-
-def run_bench(tmp_path, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "resmem_jax.kernels.bench_gpu", *args],
-                        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+BENCH = "resmem_jax.kernels.bench_gpu"
 
 
-def test_quick_run_writes_exact_rows_for_every_method(tmp_path):
+def test_quick_run_writes_exact_rows_for_every_method(tmp_path, run_module):
   out = tmp_path / "gpu.json"
-  proc = run_bench(tmp_path, "--quick", "--configs", "C1,C2", "--repeats", "1",
-                   "--tiles", "16x256", "--out", str(out))
+  proc = run_module(BENCH, "--quick", "--configs", "C1,C2", "--repeats", "1",
+                    "--tiles", "16x256", "--out", str(out))
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["machine"]["backend"] == "cpu"
@@ -50,8 +43,8 @@ def test_quick_run_writes_exact_rows_for_every_method(tmp_path):
     (("--quick", "--torch-block", "0"), "--torch-block"),
     ((), "--quick"),  # no accelerator: a full run would time the interpreter
 ])
-def test_rejects_what_it_cannot_measure(tmp_path, args, needle):
-  proc = run_bench(tmp_path, *args)
+def test_rejects_what_it_cannot_measure(args, needle, run_module):
+  proc = run_module(BENCH, *args)
   assert proc.returncode == 2, (args, proc.stderr[-1000:])
   assert needle in proc.stderr, proc.stderr[-1000:]
 
