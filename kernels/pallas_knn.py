@@ -46,8 +46,9 @@ Backends:
   it also targets Hopper and newer (and `pl.pallas_call` on it is deprecated in
   favour of `plgpu.kernel`), while Colab mostly offers older GPUs. The Triton
   lowering maps `Precision.HIGHEST` on f32 to `input_precision="ieee"`, is not tied
-  to Hopper, and is still shipped in jax 0.10.2; it is selected explicitly by
-  passing `pltriton.CompilerParams`. Triton has no scratch memory and no sequential
+  to Hopper, and is still shipped in jax 0.12.0 (deprecated since jax 0.11.0: it
+  warns when it lowers); it is selected explicitly by passing
+  `pltriton.CompilerParams`. Triton has no scratch memory and no sequential
   grid axis, so the grid runs over query tiles and a `fori_loop` walks the key tiles
   with the running top-k in registers; only the rounds selection is used (the
   binned registers would spill). If a jax without `jax.experimental.pallas.triton`
@@ -59,7 +60,8 @@ What was run: every path in interpret mode on CPU (the TPU kernel under both the
 generic interpreter and the TPU interpreter `pltpu.InterpretParams`, and the Triton
 kernel body under the generic interpreter), and `jax.export` lowering to Mosaic TPU
 and to Triton IR on CPU (every primitive has a lowering rule; block shapes pass the
-lowering checks), see tests/test_knn_pallas.py. Nothing was compiled or run on a TPU
+lowering checks), see tests/test_knn_pallas.py; the whole test suite passed with jax
+0.10.2 (Python 3.11) and 0.12.0.1 (Python 3.12). Nothing was compiled or run on a TPU
 or GPU: Mosaic's layout passes, ptxas, VMEM/register budgets and the default tile
 sizes are unverified; the compiled-mode tests are marked `accelerator`.
 """
