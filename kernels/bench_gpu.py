@@ -20,7 +20,10 @@ Methods:
                same precision as ours), in blocks of `--torch-block` queries (G4's whole
                (Q, N) matrix would be 40 GB). Only where torch sees the device.
 Where the kernel does not support a config (the Triton kernel keeps k + margin <= 32
-candidates in registers, so not C2), its rows say so instead of a time.
+candidates in registers, so not C2), its rows say so instead of a time. A method that
+raises (say, a kernel that does not compile with this jax) gets a row with its error, its
+traceback goes to stderr, and the run goes on; the JSON is rewritten after every config,
+so a run cut short keeps what it measured; the exit status is 1 if any method failed.
 
 Columns:
   seconds     best of `--repeats` calls after one warm-up call (compilation), the device
@@ -45,6 +48,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from typing import Callable
 
 # JAX would otherwise take 75% of the GPU's memory when it starts, leaving torch (the
@@ -212,8 +216,40 @@ def methods_for(config: Config, backend: str, tiles: list[BlockSizes], torch_dev
 # Driver.
 
 
+def _measure(name: str, method: str, config: Config, make: Callable, queries, keys, truth,
+             truth_dist, repeats: int, sgemm: float, peak: float | None, oracle: str) -> dict:
+  """One method's row; a method that raises gets an `error` row instead of a time."""
+  row = dict(config=name, method=method, n=config.n, q=config.q, d=config.d, k=config.k,
+             seconds=None)
+  try:
+    # Every search returns host indices, so the device has finished when it returns.
+    seconds, _, _, indices = bench.time_best(make(queries, keys, config.k), repeats)
+  except Exception as err:  # noqa: BLE001 - one broken method must not lose the others
+    traceback.print_exc()
+    message = str(err).strip().splitlines()
+    row["error"] = type(err).__name__ + (f": {message[0][:300]}" if message else "")
+    return row
+  strict, with_ties = bench.recalls(np.asarray(indices), truth, truth_dist, queries, keys)
+  tflops = config.flops / seconds / 1e12
+  row.update(seconds=seconds, tflops=tflops, frac_peak=tflops / peak if peak else None,
+             frac_sgemm=tflops / sgemm, recall=strict, recall_f32=with_ties, oracle=oracle)
+  return row
+
+
+def _add_ratios(rows: list[dict]) -> None:
+  """x_xla and x_torch of every timed row, against the same config's peer rows."""
+  for row in rows:
+    for peer in ("xla", "torch"):
+      other = [r for r in rows if r["config"] == row["config"] and r["method"] == peer
+               and r["seconds"]]
+      row[f"x_{peer}"] = (other[0]["seconds"] / row["seconds"]
+                          if other and row["seconds"] else None)
+
+
 def run(names: list[str], *, quick: bool, repeats: int, tiles: list[BlockSizes],
-        torch_block: int) -> dict:
+        torch_block: int, out: str | None = None) -> dict:
+  """Times every method on every config; with `out`, rewrites that JSON after each
+  config, so a run cut short (a time limit, a crash) still leaves what it measured."""
   configs = QUICK_CONFIGS if quick else CONFIGS
   backend = jax.default_backend()
   device = jax.devices()[0]
@@ -228,7 +264,15 @@ def run(names: list[str], *, quick: bool, repeats: int, tiles: list[BlockSizes],
     compute = functools.partial(torch_true_neighbours, device=torch_dev)
   else:
     oracle, compute = "NumPy float64", bench.true_neighbours
+  torch = sys.modules.get("torch")  # imported by torch_device() when installed
   rows = []
+  result = dict(
+      rows=rows, sgemm_tflops=sgemm, sgemm_size=size, fp32_peak_tflops=peak,
+      quick=quick, repeats=repeats, complete=False,
+      machine=dict(device_kind=device.device_kind, backend=backend,
+                   platform=platform.platform(), jax=jax.__version__,
+                   torch=torch and torch.__version__,
+                   pallas_gpu_backend="triton" if backend == "gpu" else None))
   truths = {}
   for name in names:
     config = configs[name]
@@ -239,36 +283,26 @@ def run(names: list[str], *, quick: bool, repeats: int, tiles: list[BlockSizes],
     methods, skipped = methods_for(config, backend, tiles, torch_dev, torch_block)
     for method, make in methods.items():
       print(f"  {method} ...", end=" ", flush=True)
-      # Every search returns host indices, so the device has finished when it returns.
-      seconds, _, _, indices = bench.time_best(make(queries, keys, config.k), repeats)
-      strict, with_ties = bench.recalls(np.asarray(indices), truth, truth_dist, queries,
-                                        keys)
-      tflops = config.flops / seconds / 1e12
-      rows.append(dict(config=name, method=method, n=config.n, q=config.q, d=config.d,
-                       k=config.k, seconds=seconds, tflops=tflops,
-                       frac_peak=tflops / peak if peak else None,
-                       frac_sgemm=tflops / sgemm, recall=strict, recall_f32=with_ties,
-                       oracle=oracle))
-      print(f"{seconds:.4f}s  recall {strict:.6f}", flush=True)
+      row = _measure(name, method, config, make, queries, keys, truth, truth_dist, repeats,
+                     sgemm, peak, oracle)
+      rows.append(row)
+      print(f"failed: {row['error']}" if row["seconds"] is None
+            else f"{row['seconds']:.4f}s  recall {row['recall']:.6f}", flush=True)
     for method, why in skipped.items():
       rows.append(dict(config=name, method=method, n=config.n, q=config.q, d=config.d,
                        k=config.k, seconds=None, skipped=why))
       print(f"  {method}: skipped ({why})", flush=True)
-  for row in rows:
-    for peer in ("xla", "torch"):
-      other = [r for r in rows if r["config"] == row["config"] and r["method"] == peer
-               and r["seconds"]]
-      row[f"x_{peer}"] = (other[0]["seconds"] / row["seconds"]
-                          if other and row["seconds"] else None)
-  torch = sys.modules.get("torch")  # imported by torch_device() when installed
-  return dict(
-      rows=rows, sgemm_tflops=sgemm, sgemm_size=size, fp32_peak_tflops=peak,
-      quick=quick, repeats=repeats,
-      machine=dict(device_kind=device.device_kind, backend=backend,
-                   platform=platform.platform(), jax=jax.__version__,
-                   torch=torch and torch.__version__,
-                   pallas_gpu_backend="triton" if backend == "gpu" else None),
-      wall_seconds=time.time() - started)
+    _add_ratios(rows)
+    result["wall_seconds"] = time.time() - started
+    if out:
+      _write(result, out)
+  result["complete"] = True
+  return result
+
+
+def _write(result: dict, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
 
 
 def _fmt(value, spec: str) -> str:
@@ -281,7 +315,8 @@ def format_table(result: dict) -> str:
   lines = [header, "-" * len(header)]
   for r in result["rows"]:
     if r["seconds"] is None:
-      lines.append(f"{r['config']:6} {r['method']:16} skipped: {r['skipped']}")
+      why = f"skipped: {r['skipped']}" if "skipped" in r else f"FAILED: {r['error']}"
+      lines.append(f"{r['config']:6} {r['method']:16} {why}")
       continue
     lines.append(
         f"{r['config']:6} {r['method']:16} {r['seconds']:9.4f} {r['tflops']:8.2f} "
@@ -315,11 +350,14 @@ def main(argv=None):
     parser.error("no GPU or TPU: the Pallas kernel would run interpreted; use --quick "
                  "(plumbing) or kernels/bench.py (CPU speed)")
   result = run(names, quick=args.quick, repeats=args.repeats, tiles=tiles,
-               torch_block=args.torch_block)
+               torch_block=args.torch_block, out=args.out)
   print("\n" + format_table(result))
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  _write(result, args.out)
   print(f"wrote {args.out}")
+  failed = [f"{r['config']} {r['method']}" for r in result["rows"] if "error" in r]
+  if failed:
+    print(f"{len(failed)} method(s) failed: {', '.join(failed)}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,54 @@ def test_unsupported_configs_are_reported_not_timed():
   assert set(methods) == {"xla"}
   assert {"pallas", "pallas-raw", "torch"} <= set(skipped)
   assert bench_gpu.pallas_support(bench_gpu.CONFIGS["C1"], "cpu") is None
+
+
+def _failing_search(queries, keys, k):
+  def search():
+    raise RuntimeError("kernel did not lower\nlong compiler log")
+  return search
+
+
+def test_a_failing_method_gets_an_error_row_and_the_run_goes_on(tmp_path, monkeypatch,
+                                                                 capsys):
+  real = bench_gpu.methods_for
+
+  def with_a_broken_kernel(config, *args):
+    methods, skipped = real(config, *args)
+    return {"pallas": _failing_search, "xla": methods["xla"]}, skipped
+
+  monkeypatch.setattr(bench_gpu, "methods_for", with_a_broken_kernel)
+  out = tmp_path / "gpu.json"
+  with pytest.raises(SystemExit) as exit_info:
+    bench_gpu.main(["--quick", "--configs", "C1,C3", "--repeats", "1", "--out", str(out)])
+  assert exit_info.value.code == 1
+  result = json.loads(out.read_text())
+  assert result["complete"]
+  rows = {(r["config"], r["method"]): r for r in result["rows"]}
+  for config in ("C1", "C3"):
+    broken = rows[(config, "pallas")]
+    assert broken["error"] == "RuntimeError: kernel did not lower"
+    assert broken["seconds"] is None and broken["x_xla"] is None
+    assert rows[(config, "xla")]["recall_f32"] == 1.0
+  captured = capsys.readouterr()
+  assert "FAILED: RuntimeError: kernel did not lower" in captured.out
+  assert "Traceback" in captured.err and "C1 pallas, C3 pallas" in captured.err
+
+
+def test_a_run_cut_short_keeps_the_configs_it_finished(tmp_path, monkeypatch):
+  real = bench_gpu.methods_for
+
+  def stop_at_c3(config, *args):
+    if config == bench_gpu.QUICK_CONFIGS["C3"]:
+      raise KeyboardInterrupt  # what a time limit looks like from inside the run
+    return real(config, *args)
+
+  monkeypatch.setattr(bench_gpu, "methods_for", stop_at_c3)
+  out = tmp_path / "gpu.json"
+  with pytest.raises(KeyboardInterrupt):
+    bench_gpu.run(["C1", "C3"], quick=True, repeats=1, tiles=[], torch_block=64,
+                  out=str(out))
+  result = json.loads(out.read_text())
+  assert not result["complete"]
+  assert {r["config"] for r in result["rows"]} == {"C1"}
+  assert any(r["method"] == "xla" and r["recall_f32"] == 1.0 for r in result["rows"])
