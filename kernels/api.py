@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import jax
@@ -54,10 +55,19 @@ def query_bucket(n: int) -> int:
   return -(-n // step) * step
 
 
+# Platforms where the Pallas kernel, picked by `implementation=None`, failed to compile
+# or run in this process: the default there is the XLA path from then on.
+_PALLAS_FAILED: set[str] = set()
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
 def default_implementation(n_queries: int, n_keys: int, k: int, dim: int, dtype) -> str:
   """The best registered implementation for the default backend and this problem."""
-  platform = jax.default_backend()
-  if (platform in ("gpu", "tpu") and _pallas_knn is not None
+  platform = _platform()
+  if (platform in ("gpu", "tpu") and platform not in _PALLAS_FAILED and _pallas_knn is not None
       and _pallas_knn.is_supported(k=n_candidates(k, n_keys, "l2"), dim=dim, dtype=dtype,
                                    platform=platform)):
     return "pallas"
@@ -196,6 +206,34 @@ def _search(queries, keys, k, *, metric, implementation, block_sizes, query_mesh
                      block_sizes=block_sizes)
 
 
+def _default_kernel_or_xla(search: Callable, *arrays):
+  """`search` with the Pallas kernel, or with the XLA path if the kernel fails here.
+
+  The kernel is the default on GPU and TPU but has not been compiled on every chip
+  generation with every jax; when it was picked by default, a failure to compile or
+  run must not stop the caller's search. It is reported once as a warning, and the
+  platform's default becomes the XLA path for the rest of the process. Under an outer
+  `jax.jit` a compile error only comes when the caller compiles, out of reach here:
+  it is raised as it is.
+  """
+  if any(v.is_traced(x) for x in arrays):
+    return search(implementation="pallas")
+  try:
+    out = search(implementation="pallas")
+    jax.block_until_ready(out)  # a failure while running surfaces here, not later
+    return out
+  except Exception as err:  # noqa: BLE001 - whatever the compiler or runtime raised
+    platform = _platform()
+    _PALLAS_FAILED.add(platform)
+    message = str(err).strip().splitlines()
+    warnings.warn(
+        f"rm.knn: the Pallas kernel, the default on {platform}, failed "
+        f"({type(err).__name__}{': ' + message[0][:200] if message else ''}); using the "
+        f"XLA path on {platform} from now on. Pass implementation='pallas' to see the "
+        f"whole error, or implementation='xla' to skip the kernel.", stacklevel=3)
+    return search(implementation="xla")
+
+
 def _redo_uncertified(queries, keys, k, metric, distances, indices, certified):
   """Rows whose certificate failed, recomputed by the exact direct search."""
   if v.is_traced(certified):
@@ -251,8 +289,10 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     metric: "l2" (Euclidean) or "ip" (negated inner product).
     implementation: None picks the best for the platform (the Pallas kernel on GPU/TPU
       where it supports the problem, the blocked XLA search otherwise, the reference
-      for tiny inputs); or one of "reference", "xla", "pallas", "direct" (O(QND)
-      elementwise, exact without a certificate; the fallback, never the default).
+      for tiny inputs; if the kernel picked this way fails to compile or run, a
+      warning says so and the XLA path is used from then on); or one of "reference",
+      "xla", "pallas", "direct" (O(QND) elementwise, exact without a certificate; the
+      fallback, never the default).
     block_sizes: tiling of the blocked search; `BlockSizes.get_default(k, D)` if None.
 
   Returns:
@@ -288,7 +328,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   v.check_choice("metric", metric, METRICS)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
-  if implementation is None:
+  chosen = implementation is None
+  if chosen:
     implementation = default_implementation(n_q, n_keys, k, dim, queries.dtype)
   v.check_choice("implementation", implementation, KNOWN_IMPLEMENTATIONS)
   if implementation not in IMPLEMENTATIONS:
@@ -306,9 +347,12 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     padded = -(-padded // mesh.size) * mesh.size
   if padded != n_q:
     queries = jnp.pad(jnp.asarray(queries), ((0, padded - n_q), (0, 0)))
-  distances, indices, certified = _search(
-      queries, keys, k, metric=metric, implementation=implementation,
-      block_sizes=block_sizes, query_mesh=mesh)
+  search = functools.partial(_search, queries, keys, k, metric=metric,
+                             block_sizes=block_sizes, query_mesh=mesh)
+  if chosen and implementation == "pallas":
+    distances, indices, certified = _default_kernel_or_xla(search, queries, keys)
+  else:
+    distances, indices, certified = search(implementation=implementation)
   distances, indices = _redo_uncertified(queries, keys, k, metric, distances[:n_q],
                                          indices[:n_q], certified[:n_q])
   return KnnResult(distances, indices)

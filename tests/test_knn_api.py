@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import types
+import warnings
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -152,6 +155,62 @@ def test_bad_input_raises_before_compiling(monkeypatch):
   keys[0, 0] = np.nan
   with pytest.raises(ValueError):
     resmem_jax.knn(queries, keys, 1, implementation="xla")
+
+
+# --------------------------------------------------------------------------------------
+# A default kernel that fails on the user's chip: the XLA path takes over, once.
+
+
+def _kernel_that_does_not_compile(calls):
+  def knn_pallas(queries, keys, k, *, metric, block_sizes):
+    calls.append(k)
+    raise NotImplementedError("no Mosaic lowering for this op on this chip\n(long log)")
+  return knn_pallas
+
+
+@pytest.fixture
+def broken_default_kernel(monkeypatch):
+  """A TPU whose Pallas kernel, the default, fails to compile; returns its call log."""
+  calls = []
+  monkeypatch.setattr(api, "_platform", lambda: "tpu")
+  monkeypatch.setattr(api, "_pallas_knn", types.SimpleNamespace(is_supported=lambda **_: True))
+  monkeypatch.setattr(api, "_PALLAS_FAILED", set())
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas", _kernel_that_does_not_compile(calls))
+  return calls
+
+
+def test_a_failing_default_kernel_falls_back_to_xla_once(broken_default_kernel):
+  queries, keys = _data(n_q=300, n=700, dim=6, seed=1)
+  assert api.default_implementation(300, 700, 5, 6, jnp.float32) == "pallas"
+  with pytest.warns(UserWarning, match="Pallas kernel, the default on tpu, failed "
+                    r"\(NotImplementedError: no Mosaic lowering .*XLA path"):
+    result = resmem_jax.knn(queries, keys, 5)
+  expected = resmem_jax.knn(queries, keys, 5, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(result.indices), np.asarray(expected.indices))
+  np.testing.assert_array_equal(np.asarray(result.distances), np.asarray(expected.distances))
+  assert len(broken_default_kernel) == 1
+  # From now on the default is the XLA path: no second try, no second warning.
+  assert api.default_implementation(300, 700, 5, 6, jnp.float32) == "xla"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    again = resmem_jax.knn(queries, keys, 5)
+  np.testing.assert_array_equal(np.asarray(again.indices), np.asarray(expected.indices))
+  assert len(broken_default_kernel) == 1
+
+
+def test_a_kernel_asked_for_by_name_raises_its_error(broken_default_kernel):
+  queries, keys = _data(n_q=300, n=700, dim=6)
+  with pytest.raises(NotImplementedError, match="no Mosaic lowering"):
+    resmem_jax.knn(queries, keys, 5, implementation="pallas")
+  assert not api._PALLAS_FAILED
+
+
+def test_under_an_outer_jit_the_kernel_error_is_raised(broken_default_kernel):
+  queries, keys = _data(n_q=300, n=700, dim=6)
+  search = jax.jit(lambda q, x: resmem_jax.knn(q, x, 5).indices)
+  with pytest.raises(NotImplementedError, match="no Mosaic lowering"):
+    search(queries, keys)
+  assert not api._PALLAS_FAILED
 
 
 # --------------------------------------------------------------------------------------
