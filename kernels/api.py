@@ -136,8 +136,11 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   certificate fails only where the data are dense next to their norms (many keys
   within E of the k-th distance); `knn` recomputes those rows with "direct".
 
-  The inner-product metric needs no certificate: its ranking score is its distance,
-  with the same float32 rounding as the result.
+  The inner-product metric needs no gap certificate: its ranking score is its
+  distance, with the same float32 rounding as the result. For both metrics the one
+  score the certificate takes on trust, s_m, is first checked against its key's score
+  recomputed directly (`_top_score_is_its_keys`), so an unfilled slot or a score that
+  is not its key's (a kernel gone wrong) sends the row to the fallback.
 
   `width` (static): re-score this many columns (padding beyond the candidates), so a
   shard of a sharded search, and the direct fallback, compute the same bits as one
@@ -159,18 +162,56 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   scores, indices = IMPLEMENTATIONS[implementation](
       q_rank, k_rank, n_cand, metric=metric, block_sizes=block_sizes)
   indices = indices.astype(jnp.int32)
+  ranked = indices
   if width > n_cand:
     indices = jnp.pad(indices, ((0, 0), (0, width - n_cand)))
   distances, indices = _rescore(queries, keys, indices, metric, n_valid=n_cand)
-  if exact or n_cand == n:
+  if implementation == "direct":
     return distances[:, :k], indices[:, :k], jnp.ones(queries.shape[0], bool)
   gamma = 4.0 * (dim + 2) * float(jnp.finfo(scores.dtype).eps) / 2
   radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)
   error = gamma * (radius * radius + 2.0 * jnp.sqrt(q_sq) * radius)
+  trusted = _top_score_is_its_keys(q_rank, k_rank, scores, ranked, metric, gamma, error,
+                                   q_sq, radius)
+  if exact or n_cand == n:
+    return distances[:, :k], indices[:, :k], trusted
   excluded_at_least = jnp.max(scores, axis=-1) + q_sq - error
   kth_sq = jnp.square(distances[:, k - 1]) * (1.0 + gamma)
-  return distances[:, :k], indices[:, :k], kth_sq < excluded_at_least
+  return distances[:, :k], indices[:, :k], trusted & (kth_sq < excluded_at_least)
+
+
+def _top_score_is_its_keys(q_rank, k_rank, scores, indices, metric: str, gamma: float,
+                           error, q_sq, radius) -> Array:
+  r"""Per row: the largest candidate score is its key's score, up to rounding.
+
+  The certificate takes one number on trust from the implementation: s_m, the largest
+  candidate score, which every key left out is said to reach. An unfilled slot (inf),
+  an index out of range, or a score that is not its key's (a kernel miscompiled on a
+  chip it was never run on) would let a wrong answer through, so s_m is compared
+  with its key's score computed directly on the same centred data: ||q_c - x_c||^2 -
+  ||q_c||^2 for l2, -<q, x> for ip. In exact arithmetic they are equal; in float32
+  they differ by at most E(q) + gamma (d^2 + ||q_c||^2) (l2) or gamma ||q|| R (ip),
+  plus (D + 2) float32-tiny per unit of scale for flushed subnormals. A row that
+  fails is recomputed by the exact fallback, like any uncertified row. (A key that
+  the implementation skipped while reporting true scores is beyond this check.)
+  """
+  n, dim = k_rank.shape
+  top = jnp.argmax(scores, axis=-1)[:, None]
+  s_top = jnp.take_along_axis(scores, top, axis=1)[:, 0]
+  idx = jnp.take_along_axis(indices, top, axis=1)[:, 0]
+  x = k_rank[jnp.clip(idx, 0, n - 1)]
+  q_norm = jnp.sqrt(q_sq)
+  slack = (dim + 2) * float(jnp.finfo(scores.dtype).tiny) * jnp.square(1.0 + q_norm + radius)
+  if metric == "ip":
+    direct = -jnp.sum(q_rank * x, axis=-1)
+    tolerance = gamma * q_norm * radius + slack
+  else:
+    d_sq = jnp.sum(jnp.square(q_rank - x), axis=-1)
+    direct = d_sq - q_sq
+    tolerance = error + gamma * (d_sq + q_sq) + slack
+  in_range = (idx >= 0) & (idx < n)
+  return in_range & jnp.isfinite(s_top) & (jnp.abs(s_top - direct) <= tolerance)
 
 
 def _promote(queries, keys):

@@ -66,3 +66,47 @@ def test_certificate_passes_on_ordinary_data():
 def test_direct_implementation_is_exact(dense):
   queries, keys, d2 = dense
   check_exact(rm.knn(queries, keys, 4, implementation="direct"), d2, 4)
+
+
+# --------------------------------------------------------------------------------------
+# The one number the certificate takes on trust: the largest candidate score.
+
+
+def _lost_the_nearest(queries, keys, k, **kwargs):
+  """The XLA search, but its nearest candidate lost and the last slot left unfilled."""
+  scores, indices = api.knn_xla(queries, keys, k, **kwargs)
+  n = keys.shape[0]
+  return (jnp.concatenate([scores[:, 1:], jnp.full_like(scores[:, :1], jnp.inf)], axis=1),
+          jnp.concatenate([indices[:, 1:], jnp.full_like(indices[:, :1], n)], axis=1))
+
+
+def _indices_off_by_one(queries, keys, k, **kwargs):
+  """The XLA search with every index one key off: the scores are not their keys'."""
+  scores, indices = api.knn_xla(queries, keys, k, **kwargs)
+  return scores, (indices + 1) % keys.shape[0]
+
+
+def _ordinary(metric):
+  rng = np.random.default_rng(2)
+  return (rng.normal(size=(48, 16)).astype(np.float32),
+          rng.normal(size=(3000, 16)).astype(np.float32))
+
+
+@pytest.mark.parametrize("metric,broken", [
+    ("l2", _lost_the_nearest),  # inf as the largest score would certify any answer
+    ("l2", _indices_off_by_one),
+    ("ip", _indices_off_by_one),  # ip has no gap certificate: only this check
+])
+def test_a_top_score_that_is_not_its_keys_is_not_trusted(metric, broken, monkeypatch):
+  queries, keys = _ordinary(metric)
+  expected = rm.knn(queries, keys, 5, metric=metric, implementation="reference")
+  monkeypatch.setitem(api.IMPLEMENTATIONS, "xla", broken)
+  _, _, certified = api._knn_padded(jnp.asarray(queries), jnp.asarray(keys), k=5,
+                                    metric=metric, implementation="xla", block_sizes=None)
+  assert not np.asarray(certified).any()
+  # Every row is recomputed by the direct search: the broken implementation costs time,
+  # not exactness.
+  result = rm.knn(queries, keys, 5, metric=metric, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(result.indices), np.asarray(expected.indices))
+  np.testing.assert_allclose(np.asarray(result.distances), np.asarray(expected.distances),
+                             rtol=1e-5, atol=1e-6)
