@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Callable
 
@@ -247,6 +248,25 @@ def _search(queries, keys, k, *, metric, implementation, block_sizes, query_mesh
                      block_sizes=block_sizes)
 
 
+# Data with max |value| outside this range are searched rescaled: below it, squared
+# differences underflow (to 0 once |values| < ~1e-19, so every distance ties); above it,
+# ||q - x||^2 overflows (to inf once |values| > ~1e19). The neighbours do not change
+# when the data are scaled, and a power of two scales float32 values exactly.
+SAFE_MAGNITUDE = (2.0 ** -32, 2.0 ** 32)
+
+
+def exact_rescale(magnitude: float | None) -> float:
+  """A power of two s that brings max |value| into [1/2, 1), or 1.0 where none is needed.
+
+  Exact: s * x only moves exponents (s stays a normal float32, within 2^+-126), so the
+  search on (s q, s x) is the search on (q, x) with every l2 distance times s and
+  every inner product times s^2.
+  """
+  if not magnitude or SAFE_MAGNITUDE[0] <= magnitude <= SAFE_MAGNITUDE[1]:
+    return 1.0
+  return math.ldexp(1.0, min(126, max(-126, -math.frexp(magnitude)[1])))
+
+
 def _default_kernel_or_xla(search: Callable, *arrays):
   """`search` with the Pallas kernel, or with the XLA path if the kernel fails here.
 
@@ -377,11 +397,14 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     available = ", ".join(repr(name) for name in IMPLEMENTATIONS)
     raise ValueError(f"implementation={implementation!r} is not available in this "
                      f"installation; use one of {available} or None")
-  v.check_finite("queries", queries)
-  v.check_finite("keys", keys)
+  magnitudes = [v.finite_magnitude("queries", queries), v.finite_magnitude("keys", keys)]
 
   if n_q == 0:
     return KnnResult(jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32))
+  # Under an outer jit the magnitudes are unknown here: the data are searched as given.
+  scale = exact_rescale(None if None in magnitudes else max(magnitudes))
+  if scale != 1.0:
+    queries, keys = queries * np.float32(scale), keys * np.float32(scale)
   padded = query_bucket(n_q)
   mesh = sharded.query_mesh(queries, keys)  # None for row-sharded (committed) keys
   if mesh is not None:  # an equal share of the queries for every CPU device
@@ -396,4 +419,7 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     distances, indices, certified = search(implementation=implementation)
   distances, indices = _redo_uncertified(queries, keys, k, metric, distances[:n_q],
                                          indices[:n_q], certified[:n_q])
+  if scale != 1.0:  # back to the caller's units: l2 scales by s, ip by s^2
+    for _ in range(1 if metric == "l2" else 2):
+      distances = distances / np.float32(scale)
   return KnnResult(distances, indices)

@@ -56,6 +56,18 @@ def check_finite(name: str, x) -> None:
     raise ValueError(f"{name} must be finite, got {name}[{', '.join(map(str, bad))}]={value}")
 
 
+def finite_magnitude(name: str, x) -> float | None:
+  """max |x| after `check_finite`'s check, in the same pass (None under jit or if empty)."""
+  if is_traced(x):
+    return None
+  if x.size == 0:
+    return 0.0
+  top = float(np.abs(x).max() if isinstance(x, np.ndarray) else jnp.max(jnp.abs(x)))
+  if not np.isfinite(top):
+    check_finite(name, x)  # names the first bad entry
+  return top
+
+
 def check_positive(name: str, value) -> None:
   if is_traced(value):
     return

@@ -283,3 +283,31 @@ def test_no_recompilation_within_a_bucket(monkeypatch):
   with pytest.raises(AssertionError, match="traced > 1"):
     resmem_jax.knn(rng.standard_normal((17, 4)).astype(np.float32), keys, 3,
                    implementation="xla", block_sizes=block_sizes)
+
+
+# --------------------------------------------------------------------------------------
+# Data far from magnitude 1: float32 squares would underflow or overflow.
+
+
+@pytest.mark.parametrize("metric,scale", [
+    ("l2", 1e-30), ("l2", 1e-20), ("l2", 1e20), ("l2", 1e30),  # ~1e-19 / 1e19: all tie
+    ("ip", 1e-12), ("ip", 1e12)])
+def test_tiny_and_huge_data_are_searched_at_their_own_scale(metric, scale):
+  rng = np.random.default_rng(3)
+  queries = (rng.standard_normal((40, 8)) * scale).astype(np.float32)
+  keys = (rng.standard_normal((600, 8)) * scale).astype(np.float32)
+  result = resmem_jax.knn(queries, keys, 5, metric=metric)
+  q, x = queries.astype(np.float64), keys.astype(np.float64)
+  scores = ((q[:, None] - x[None]) ** 2).sum(-1) if metric == "l2" else -(q @ x.T)
+  order = np.argsort(scores, axis=1, kind="stable")[:, :5]
+  want = np.take_along_axis(scores, order, axis=1)
+  np.testing.assert_array_equal(np.asarray(result.indices), order)
+  np.testing.assert_allclose(np.asarray(result.distances),
+                             np.sqrt(want) if metric == "l2" else want, rtol=2e-6)
+
+
+def test_rescale_is_a_power_of_two_only_where_needed():
+  assert api.exact_rescale(None) == api.exact_rescale(0.0) == api.exact_rescale(3.0) == 1.0
+  for magnitude in (3e-30, 7e25):
+    scale = api.exact_rescale(magnitude)
+    assert np.frexp(scale)[0] == 0.5 and 0.5 <= magnitude * scale < 1.0
