@@ -419,7 +419,10 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     distances, indices, certified = search(implementation=implementation)
   distances, indices = _redo_uncertified(queries, keys, k, metric, distances[:n_q],
                                          indices[:n_q], certified[:n_q])
-  if scale != 1.0:  # back to the caller's units: l2 scales by s, ip by s^2
-    for _ in range(1 if metric == "l2" else 2):
+  if scale != 1.0:
+    # Back to the caller's units: l2 distances scale by s, inner products by s^2 (two
+    # divisions, as s^2 may be beyond float32).
+    distances = distances / np.float32(scale)
+    if metric == "ip":
       distances = distances / np.float32(scale)
   return KnnResult(distances, indices)
