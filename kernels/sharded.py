@@ -52,9 +52,18 @@ MIN_QUERIES_PER_DEVICE = 1024
 MAX_EXTRA_KEY_BYTES = 1 << 30
 
 
+def _sharding(x):
+  """The sharding of `x`; under jit, the one its type carries (explicit mesh axes only:
+  under an Auto mesh a tracer's type holds no split, and XLA partitions the plain
+  search itself)."""
+  if isinstance(x, jax.core.Tracer):
+    return jax.typeof(x).sharding
+  return getattr(x, "sharding", None)
+
+
 def row_axes(x) -> tuple[str, ...] | None:
   """Mesh axes that split the rows of `x`, when it is a row-sharded array, else None."""
-  sharding = getattr(x, "sharding", None)
+  sharding = _sharding(x)
   if not isinstance(sharding, NamedSharding) or not sharding.spec:
     return None
   axes = sharding.spec[0]
@@ -76,10 +85,13 @@ def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, bloc
   (`rm.knn`) has validated the inputs and padded the queries to a size bucket.
   """
   # JAX itself refuses a NamedSharding that splits N unevenly, so the shards are equal.
-  mesh = keys.sharding.mesh
+  mesh = _sharding(keys).mesh  # an AbstractMesh under jit
   axes = row_axes(keys)
-  keys = jax.device_put(keys, NamedSharding(mesh, P(axes, None)))
-  queries = jax.device_put(queries, NamedSharding(mesh, P()))
+  if isinstance(keys, jax.core.Tracer):  # typed as split already: replicate the queries
+    queries = jax.sharding.reshard(queries, NamedSharding(mesh, P()))
+  else:
+    keys = jax.device_put(keys, NamedSharding(mesh, P(axes, None)))
+    queries = jax.device_put(queries, NamedSharding(mesh, P()))
   return _knn_sharded(queries, keys, k=k, metric=metric, implementation=implementation,
                       block_sizes=block_sizes, mesh=mesh, axes=axes)
 
@@ -183,7 +195,7 @@ def _knn_query_parallel(queries, keys, *, k, metric, implementation, block_sizes
 def placement(x) -> tuple | None:
   """(mesh, row axes) of a row-sharded array, else None: a static jit argument."""
   axes = row_axes(x)
-  return None if axes is None else (x.sharding.mesh, axes)
+  return None if axes is None else (_sharding(x).mesh, axes)
 
 
 def _row_spec(ndim: int, axes) -> P:

@@ -1,7 +1,9 @@
 """Host-side checks at the public boundary: bad input raises before anything compiles.
 
 Value checks (finiteness, ranges) need concrete arrays; under an outer `jax.jit` the
-arguments are tracers and only the static checks (shapes, dtypes) can run.
+arguments are tracers and only the static checks (shapes, dtypes) can run. A concrete
+array closed over by the jitted function is still checked: its reductions are
+evaluated on the spot (`jax.ensure_compile_time_eval`), not staged into the trace.
 """
 
 from __future__ import annotations
@@ -43,17 +45,10 @@ def check_ndim(name: str, x, ndims: tuple[int, ...], meaning: str) -> None:
 
 
 def check_finite(name: str, x) -> None:
-  """Raises ValueError naming the first non-finite entry of `x` (skipped under jit)."""
-  if is_traced(x) or x.size == 0:
-    return
-  if isinstance(x, np.ndarray):
-    ok = bool(np.isfinite(x).all())
-  else:
-    ok = bool(jnp.isfinite(x).all())
-  if not ok:
-    bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))[0]
-    value = np.asarray(x)[tuple(bad)]
-    raise ValueError(f"{name} must be finite, got {name}[{', '.join(map(str, bad))}]={value}")
+  """Raises ValueError naming the first entry of `x` that is not finite in the dtype JAX
+  computes it in (skipped under jit): NaN, inf, or a float64 value beyond float32's
+  range when 64-bit JAX is off."""
+  finite_magnitude(name, x)
 
 
 def finite_magnitude(name: str, x) -> float | None:
@@ -69,9 +64,20 @@ def finite_magnitude(name: str, x) -> float | None:
   if isinstance(x, np.ndarray):
     top = max(float(x.max()), -float(x.min()))
   else:
-    top = float(jnp.max(jnp.abs(x)))
+    with jax.ensure_compile_time_eval():
+      top = float(jnp.max(jnp.abs(x)))
   if not np.isfinite(top):
-    check_finite(name, x)  # names the first bad entry
+    bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))[0]
+    value = np.asarray(x)[tuple(bad)]
+    raise ValueError(f"{name} must be finite, got {name}[{', '.join(map(str, bad))}]={value}")
+  dtype = jax.dtypes.canonicalize_dtype(x.dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and top > float(jnp.finfo(dtype).max):
+    host = np.abs(np.asarray(x))
+    bad = np.unravel_index(int(np.argmax(host)), host.shape)
+    raise ValueError(
+        f"{name} must be finite in {dtype.name}, the dtype JAX computes it in (|value| <= "
+        f"{float(jnp.finfo(dtype).max):.4g}), got {name}[{', '.join(map(str, bad))}]="
+        f"{np.asarray(x)[bad]}")
   return top
 
 

@@ -84,11 +84,26 @@ class Memory(NamedTuple):
     return self.keys.shape[0]
 
 
+def tempered_softmax(logits: Float[Array, "... C"], temperature) -> Float[Array, "... C"]:
+  r"""softmax(z / T) along the last axis, computed as softmax((z - max z) / T).
+
+  The shift comes before the division, so the largest exponent is exactly 0 and the
+  others are <= 0 for any T > 0: a T small next to the logits gives the one-hot of the
+  argmax (split evenly between tied maxima) instead of inf / inf. (With the shift
+  after the division, XLA may compute z / T in two fused places with different
+  roundings, and a tiny T then turns that difference into exp(+huge).)
+  """
+  z = logits.astype(jnp.float32)
+  shifted = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  e = jnp.exp(shifted / temperature)
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
 def base_prediction(base_outputs: Float[Array, "Q C"], *, task: str,
                     temperature: float = 1.0) -> Float[Array, "Q C"]:
   """The base model's own prediction: softmax(z / T) (classification) or f(x)."""
   if task == "classification":
-    return jax.nn.softmax(base_outputs.astype(jnp.float32) / temperature, axis=-1)
+    return tempered_softmax(base_outputs, temperature)
   return base_outputs.astype(jnp.float32)
 
 

@@ -38,8 +38,9 @@ def neighbour_weights(distances: Float[Array, "Q k"], *, sigma) -> Float[Array, 
   r"""Soft kNN weights w_j = exp(-d_j / sigma) / sum_l exp(-d_l / sigma).
 
   The row minimum is subtracted first (softmax is shift-invariant), so the largest
-  exponent is exactly 0: no overflow or underflow to an all-zero row for any finite
-  distances and any sigma > 0. Weights are non-negative and sum to 1.
+  exponent is exactly 0: no overflow or underflow to an all-zero row for any distances
+  (inf included) and any sigma > 0 (`bandwidth` keeps a sigma below the float32 normal
+  range from flushing to 0). Weights are non-negative and sum to 1.
 
   Args:
     distances: (Q, k) neighbour distances (any order).
@@ -52,10 +53,29 @@ def neighbour_weights(distances: Float[Array, "Q k"], *, sigma) -> Float[Array, 
     >>> rm.neighbour_weights(jnp.array([[0.0, 1e6]]), sigma=1e-3)
     Array([[1., 0.]], dtype=float32)
   """
-  distances = distances.astype(jnp.float32)
-  shifted = distances - jnp.min(distances, axis=-1, keepdims=True)
-  e = jnp.exp(-shifted / sigma)
+  e = jnp.exp(-shift_to_nearest(distances) / bandwidth(sigma))
   return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def shift_to_nearest(distances: Float[Array, "... k"]) -> Float[Array, "... k"]:
+  """d - min(d) along the last axis, in float32, with 0 where d equals the minimum.
+
+  The explicit 0 keeps rows whose distances all overflowed float32 (inf - inf) from
+  turning into NaN: tied nearest neighbours share the weight, infinite or not.
+  """
+  distances = distances.astype(jnp.float32)
+  nearest = jnp.min(distances, axis=-1, keepdims=True)
+  return jnp.where(distances == nearest, 0.0, distances - nearest)
+
+
+def bandwidth(sigma):
+  """sigma as float32, no smaller than the smallest normal float32 (~1.2e-38).
+
+  A smaller sigma > 0 would be flushed to 0 and give the nearest neighbour 0 / 0; at
+  the smallest normal the weights are already the sigma -> 0 limit (all weight on the
+  nearest, shared between exact ties) for any distances float32 tells apart.
+  """
+  return jnp.maximum(jnp.asarray(sigma, jnp.float32), jnp.finfo(jnp.float32).tiny)
 
 
 def aggregate_residuals(residuals: Float[Array, "N C"], indices: Int[Array, "Q k"],

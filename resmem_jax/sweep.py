@@ -35,9 +35,9 @@ import numpy as np
 from resmem_jax import _validation as v
 from resmem_jax.kernels import sharded
 from resmem_jax.memory import (Memory, build_memory, check_labels, check_memory,
-                               check_queries, check_temperature)
-from resmem_jax.predict import (DEFAULT_QUERY_CHUNK, check_k_exclude, check_sigma,
-                                search_chunks)
+                               check_queries, check_temperature, tempered_softmax)
+from resmem_jax.predict import (DEFAULT_QUERY_CHUNK, bandwidth, check_k_exclude, check_sigma,
+                                search_chunks, shift_to_nearest)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 METHODS = ("resmem", "deepnet", "knn", "knn_lm")
@@ -45,6 +45,8 @@ DEFAULT_LAMS = (0.1, 0.25, 0.5, 0.75, 0.9)
 # ResMem and interpolated scores are not probabilities (they can leave [0, 1]); the
 # log-loss reads the true class's score clipped to [LOG_LOSS_EPS, 1].
 LOG_LOSS_EPS = 1e-7
+# Queries per float32 partial sum of a metric (the partial sums are added in float64).
+SUM_BLOCK = 256
 # Bound on the floats of the per-batch intermediates of the scoring loop (the gathered
 # (batch, k_max, 1 + T, C) rows and the (batch, S, n_k, T, L, C) kNN-LM scores).
 GRID_BUDGET = 1 << 22
@@ -89,9 +91,12 @@ def _fmt(x) -> str:
 
 
 def _rank_key(row: dict):
+  """Best first: highest accuracy, then lowest log-loss (lowest mse); NaN ranks last."""
+  def last_if_nan(x):
+    return math.inf if math.isnan(x) else x
   if "accuracy" in row:
-    return (-row["accuracy"], row["log_loss"])
-  return (row["mse"],)
+    return (-row["accuracy"], last_if_nan(row["log_loss"]))
+  return (last_if_nan(row["mse"]),)
 
 
 def _check_grid(name: str, values, check) -> tuple:
@@ -114,11 +119,10 @@ def _check_lam(name: str, lam) -> float:
 def _prefix_weights(dist, sigmas, ks):
   """(S, n_k, K) weights: softmax(-d / sigma) over the first k of the K sorted neighbours.
 
-  Max-subtracted like `neighbour_weights`: the nearest neighbour's exponent is 0, so
-  every row has a positive normalizer for any finite distances and sigma > 0.
+  Max-subtracted and clamped like `neighbour_weights`: the nearest neighbour's exponent
+  is 0, so every row has a positive normalizer for any distances and sigma > 0.
   """
-  shifted = dist - jnp.min(dist)
-  e = jnp.exp(-shifted[None, :] / sigmas[:, None])  # (S, K)
+  e = jnp.exp(-shift_to_nearest(dist)[None, :] / bandwidth(sigmas)[:, None])  # (S, K)
   prefix = (jnp.arange(dist.shape[0])[None, :] < jnp.asarray(ks)[:, None])  # (n_k, K)
   e = jnp.where(prefix[None], e[:, None, :], 0.0)
   return e / jnp.sum(e, axis=-1, keepdims=True)
@@ -137,7 +141,9 @@ def _correct_and_log_loss(scores, label):
   # recompute `scores` inside fusions with different rounding (e.g. an FMA).
   beats = jnp.where(classes < label, scores >= p_true[..., None], scores > p_true[..., None])
   beats = beats & (classes != label)
-  correct = 1.0 - jnp.max(beats, axis=-1).astype(jnp.float32)
+  # A NaN compares False with everything, so a NaN row would "win"; it counts as wrong.
+  correct = jnp.where(jnp.isnan(p_true), 0.0,
+                      1.0 - jnp.max(beats, axis=-1).astype(jnp.float32))
   return correct, -jnp.log(jnp.clip(p_true, LOG_LOSS_EPS, 1.0))
 
 
@@ -151,13 +157,13 @@ def _classification_scores(dist, idx, zq, yq, mem_logits, mem_labels, sigmas, la
   temps = jnp.asarray(temperatures, jnp.float32)
   weights = _prefix_weights(dist, sigmas, ks)  # (S, n_k, K)
   onehot = jax.nn.one_hot(mem_labels[idx], n_classes, dtype=jnp.float32)  # (K, C)
-  neigh = jax.nn.softmax(mem_logits[idx][None] / temps[:, None, None], axis=-1)  # (T, K, C)
+  neigh = tempered_softmax(mem_logits[idx][None], temps[:, None, None])  # (T, K, C)
   rows = jnp.concatenate([onehot[None], neigh]).transpose(1, 0, 2)  # (K, 1 + T, C)
   # One matmul gives every prefix average of the labels and of the neighbours'
   # softmaxes; sum_j w_j r_j(T) = p_knn - sum_j w_j softmax(z_j / T).
   avg = jnp.einsum("snk,ktc->sntc", weights, rows, precision=HIGHEST)
   p_knn, neigh_avg = avg[:, :, 0], avg[:, :, 1:]  # (S, n_k, C), (S, n_k, T, C)
-  base = jax.nn.softmax(zq[None] / temps[:, None], axis=-1)  # (T, C)
+  base = tempered_softmax(zq[None], temps[:, None])  # (T, C)
   resmem = base[None, None] + p_knn[:, :, None] - neigh_avg
   lam = lams.reshape(1, 1, 1, -1, 1)
   knn_lm = lam * p_knn[:, :, None, None] + (1.0 - lam) * base[None, None, :, None]  # (S, n_k, T, L, C)
@@ -210,8 +216,17 @@ def _grid_sums(dist, idx, q_outputs, q_targets, valid, mem_outputs, mem_targets,
     per_query = jax.lax.map(
         lambda a: fn(*a[:4], a[4], a[5], sigmas, lams),
         (dist, local_idx, q_outputs, q_targets, neigh_out, neigh_tgt), batch_size=batch)
+  # float32 sums over blocks of at most 256 queries; the host adds the blocks in
+  # float64 (one float32 sum over a 32768-query chunk drifted by ~1e-4 relative).
+  n_rows = valid.shape[0]
+  block = math.gcd(n_rows, SUM_BLOCK)
   mask = valid.astype(jnp.float32)
-  return jax.tree.map(lambda x: jnp.tensordot(mask, x, axes=1), per_query)
+
+  def block_sums(x):
+    x = mask.reshape((-1,) + (1,) * (x.ndim - 1)) * x
+    return x.reshape((n_rows // block, block) + x.shape[1:]).sum(axis=1)
+
+  return jax.tree.map(block_sums, per_query)
 
 
 def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
@@ -318,7 +333,7 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
                       mem.targets, sigma_arr, lam_arr, task=meta.task, ks=ks,
                       temperatures=None if meta.task == "regression" else temperatures,
                       batch=batch, placement=sharded.placement(mem.outputs))
-    sums = jax.tree.map(lambda x: np.asarray(x, np.float64), sums)
+    sums = jax.tree.map(lambda x: np.asarray(x, np.float64).sum(axis=0), sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   means = jax.tree.map(lambda x: x / n_q, totals)
   table = _table(means, meta.task, ks=ks, sigmas=sigmas, temperatures=temperatures,

@@ -114,6 +114,19 @@ def main():
   for kwargs in (dict(k=9, sigma=0.5), dict(k=9, sigma=0.5, exclude=np.arange(37))):
     np.testing.assert_allclose(rm.predict(placed, queries, q_logits, **kwargs),
                                rm.predict(mem, queries, q_logits, **kwargs), rtol=0, atol=1e-6)
+  # Under an outer jit, as an argument: `jax.make_mesh` gives Explicit axes, whose split
+  # the tracers' types carry (the sharded search then runs as eagerly); under Auto axes
+  # the types carry none and XLA partitions the plain search.
+  auto = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  jit_predict = jax.jit(lambda m, e, z: rm.predict(m, e, z, k=9, sigma=0.5))
+  jit_knn = jax.jit(lambda q, x: rm.knn(q, x, 9))
+  for axes_mesh in (mesh, auto):
+    placed_jit = rm.shard_memory(mem, axes_mesh)
+    np.testing.assert_allclose(jit_predict(placed_jit, queries, q_logits),
+                               rm.predict(mem, queries, q_logits, k=9, sigma=0.5),
+                               rtol=0, atol=1e-6)
+    same(jit_knn(queries, placed_jit.keys).indices, rm.knn(queries, keys, 9).indices,
+         f"knn under jit, keys sharded over {axes_mesh.axis_types}")
   got = rm.sweep(placed, queries, q_logits, labels[:37], ks=(1, 4), sigmas=(0.5,))
   want = rm.sweep(mem, queries, q_logits, labels[:37], ks=(1, 4), sigmas=(0.5,))
   assert got.table == want.table, (got.table, want.table)

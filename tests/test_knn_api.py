@@ -50,6 +50,26 @@ def test_non_finite_jax_array():
     resmem_jax.knn(queries, keys, 3)
 
 
+def test_float64_beyond_float32_range():
+  """float64 values JAX computes in float32 (x64 off) must fit it, or they become inf."""
+  queries, keys = _data()
+  keys = keys.astype(np.float64)
+  keys[6, 2] = -4e38
+  with _raises(ValueError, "keys must be finite in float32", "keys[6, 2]=-4e+38"):
+    resmem_jax.knn(queries, keys, 3)
+
+
+def test_closed_over_keys_under_jit_are_checked_and_searched():
+  queries, keys = _data()
+  device_keys = jnp.asarray(keys)
+  got = jax.jit(lambda q: resmem_jax.knn(q, device_keys, 4))(queries)
+  want = resmem_jax.knn(queries, keys, 4)
+  np.testing.assert_array_equal(got.indices, want.indices)
+  bad = device_keys.at[1, 1].set(jnp.inf)
+  with _raises(ValueError, "keys must be finite", "keys[1, 1]=inf"):
+    jax.jit(lambda q: resmem_jax.knn(q, bad, 4))(queries)
+
+
 @pytest.mark.parametrize("k", [0, -1, 21])
 def test_k_out_of_range(k):
   queries, keys = _data(n=20)

@@ -107,6 +107,11 @@ def _bad_build_cases():
       (dict(embeddings=x[:0], targets=y[:0], base_outputs=z[:0]), ValueError, "empty"),
       (dict(embeddings=xn), ValueError, "embeddings[2, 1]=nan"),
       (dict(base_outputs=zi), ValueError, "base_outputs[3, 0]=inf"),
+      # float64 input JAX computes in float32: 1e39 would become inf there.
+      (dict(base_outputs=np.where(np.arange(4) == 2, 1e39, z.astype(np.float64))),
+       ValueError, "base_outputs must be finite in float32"),
+      (dict(embeddings=np.where(np.arange(3) == 1, -1e39, x.astype(np.float64))),
+       ValueError, "embeddings[0, 1]=-1e+39"),
       (dict(targets=y.astype(np.float32)), TypeError, "targets.dtype=float32"),
       (dict(targets=np.where(np.arange(10) == 7, 4, y)), ValueError, "targets[7]=4"),
       (dict(targets=np.where(np.arange(10) == 1, -1, y)), ValueError, "targets[1]=-1"),

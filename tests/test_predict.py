@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -78,6 +80,48 @@ def test_weights_are_a_stable_distribution():
   want = np.exp(-(d64 - d64[:, :1]) / 3e5)
   np.testing.assert_allclose(rm.neighbour_weights(d[:3], sigma=3e5),
                              want / want.sum(1, keepdims=True), rtol=1e-5)
+
+
+def test_weights_at_the_edges_of_float32():
+  # sigma below the smallest normal float32 (flushed to 0 on CPU) is the sigma -> 0
+  # limit, not 0 / 0; exact ties share the weight.
+  for sigma in (1e-38, 1e-40, 1e-45, 1e-300):
+    w = np.asarray(rm.neighbour_weights(np.array([[0.5, 0.5, 1.0], [0.0, 1.0, 2.0]],
+                                                 np.float32), sigma=sigma))
+    np.testing.assert_array_equal(w, [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+  # Distances that overflowed float32 (data near its range) tie: no inf - inf.
+  w = np.asarray(rm.neighbour_weights(np.array([[3e38, np.inf, np.inf]], np.float32),
+                                      sigma=1.0))
+  np.testing.assert_array_equal(w, [[1.0, 0.0, 0.0]])
+  w = np.asarray(rm.neighbour_weights(np.full((1, 4), np.inf, np.float32), sigma=1.0))
+  np.testing.assert_array_equal(w, np.full((1, 4), 0.25))
+
+
+def test_tiny_temperature_gives_the_argmax_not_nan():
+  mem, _, _, _, xq, zq = _classification(t=1e-12)
+  zq = 1e3 * zq
+  for task_scores in (rm.predict(mem, xq, zq, k=5, sigma=0.5),
+                      jax.jit(lambda m, e, z: rm.predict(m, e, z, k=5, sigma=0.5))(mem, xq, zq)):
+    assert np.all(np.isfinite(np.asarray(task_scores)))
+  base = np.asarray(jax.jit(rm.base_prediction, static_argnames="task")(
+      zq, task="classification", temperature=1e-12))
+  np.testing.assert_array_equal(base, np.eye(zq.shape[1])[zq.argmax(axis=1)])
+  assert np.all(np.isfinite(np.asarray(mem.residuals)))
+
+
+def test_predict_under_jit_with_a_closed_over_memory():
+  """The usual research pattern: a global memory inside a jitted eval step."""
+  mem, _, _, _, xq, zq = _classification()
+  want = np.asarray(rm.predict(mem, xq, zq, k=7, sigma=0.5))
+  got = jax.jit(lambda e, z: rm.predict(mem, e, z, k=7, sigma=0.5))(xq, zq)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
+  device_logits = jnp.asarray(zq)
+  got = jax.jit(lambda m, e: rm.predict(m, e, device_logits, k=7, sigma=0.5))(mem, xq)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
+  # A closed-over array is concrete, so its values are still checked.
+  bad = jnp.asarray(zq).at[3, 1].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"base_outputs must be finite, got base_outputs\[3, 1\]"):
+    jax.jit(lambda e: rm.predict(mem, e, bad, k=7, sigma=0.5))(xq)
 
 
 def test_memory_permutation_does_not_change_predictions():

@@ -212,3 +212,44 @@ def test_regression_sweep_rejects_temperatures():
   mem = rm.build_memory(x, y, y, task="regression")
   with pytest.raises(ValueError, match="temperatures apply to classification only"):
     rm.sweep(mem, x, y, y, ks=(1,), sigmas=(1.0,), temperatures=(1.0,))
+
+
+def test_a_nan_score_counts_as_wrong_and_ranks_last():
+  """A NaN compares False with everything, so it must not pass for a correct argmax."""
+  sweep_module = importlib.import_module("resmem_jax.sweep")
+  scores = np.array([[0.2, 0.7, 0.1], [np.nan] * 3, [0.1, np.nan, 0.3]], np.float32)
+  correct, _ = sweep_module._correct_and_log_loss(scores, 1)
+  np.testing.assert_array_equal(correct, [1.0, 0.0, 0.0])
+  rows = [{"accuracy": 0.5, "log_loss": float("nan")}, {"accuracy": 0.5, "log_loss": 2.0}]
+  assert min(rows, key=sweep_module._rank_key) is rows[1]
+  assert min([{"mse": float("nan")}, {"mse": 3.0}], key=sweep_module._rank_key)["mse"] == 3.0
+
+
+def test_tiny_temperatures_and_sigmas_stay_finite(cls_data):
+  x, y, z, xq, yq, zq = cls_data
+  res = rm.sweep((x, y, z), xq, zq, yq, ks=KS, sigmas=(1e-40, 0.5), temperatures=(1e-12, 1.0))
+  assert all(np.isfinite(row["log_loss"]) for row in res.table)
+  # T -> 0 makes DeepNet the argmax of the logits; sigma -> 0 makes kNN the nearest label.
+  deep = next(r for r in res.table if r["method"] == "deepnet" and r["temperature"] == 1e-12)
+  assert deep["accuracy"] == pytest.approx((zq.argmax(axis=1) == yq).mean())
+  nearest = y[_neighbours(x, xq, 1)[1][:, 0]]
+  knn = next(r for r in res.table if r["method"] == "knn" and r["sigma"] == 1e-40 and r["k"] == 4)
+  assert knn["accuracy"] == pytest.approx((nearest == yq).mean())
+
+
+def test_large_chunk_sums_match_float64():
+  """One chunk of 32768 queries: float32 sums over it drifted by ~1e-4 relative."""
+  rng = np.random.default_rng(15)
+  n, c, q = 64, 3, 32768
+  x = rng.normal(size=(n, 2)).astype(np.float32)
+  y = rng.integers(0, c, n)
+  mem = rm.build_memory(x, y, rng.normal(size=(n, c)).astype(np.float32))
+  xq = rng.normal(size=(q, 2)).astype(np.float32)
+  yq = rng.integers(0, c, q)
+  res = rm.sweep(mem, xq, rng.normal(size=(q, c)).astype(np.float32), yq, ks=(1, 5),
+                 sigmas=(0.3,), temperatures=(1.0,), lams=(0.5,))
+  # k = 1: p_kNN is the nearest label's one-hot, so the log-loss is exact in float64.
+  nearest = y[np.asarray(rm.knn(xq, x, 1).indices)[:, 0]]
+  want = np.where(nearest == yq, 0.0, -np.log(np.float64(np.float32(1e-7)))).mean()
+  got = next(r for r in res.table if r["method"] == "knn" and r["k"] == 1)["log_loss"]
+  assert got == pytest.approx(want, rel=1e-6)
