@@ -143,7 +143,17 @@ def check_k_exclude(mem: Memory, n_queries: int, k, exclude, *, k_name: str = "k
   return k, exclude
 
 
-def check_sigma(name: str, sigma) -> float:
+def check_sigma(name: str, sigma):
+  """sigma > 0: a real scalar or 0-d array, returned as a float; a traced scalar
+  (`predict` under jit, or differentiated in sigma) passes unchecked."""
+  if isinstance(sigma, (np.ndarray, jax.Array)) and not isinstance(sigma, np.generic):
+    real = jnp.issubdtype(sigma.dtype, jnp.floating) or jnp.issubdtype(sigma.dtype, jnp.integer)
+    if sigma.ndim != 0 or not real:
+      raise TypeError(f"{name} must be a float or a 0-d real array, got "
+                      f"{name}.shape={tuple(sigma.shape)}, {name}.dtype={sigma.dtype}")
+    if v.is_traced(sigma):
+      return sigma
+    sigma = sigma.item()
   return check_temperature(name, sigma)
 
 
@@ -210,7 +220,8 @@ def predict(mem: Memory, embeddings: Float[Array, "Q D"], base_outputs: Float[Ar
     base_outputs: (Q, C) base logits (classification), or base outputs shaped
       (Q,) + mem.meta.output_shape (regression).
     k: neighbours, 1 <= k <= N (k <= N - 1 with `exclude`).
-    sigma: softmax bandwidth > 0.
+    sigma: softmax bandwidth > 0: a float, a 0-d array, or a traced scalar under jit
+      (then unchecked; predictions are differentiable in it).
     exclude: optional (Q,) int memory indices; query q never uses memory point
       exclude[q] (leave-one-out on the training set).
     task: optional; when given, must equal the memory's task.
@@ -247,7 +258,7 @@ def predict(mem: Memory, embeddings: Float[Array, "Q D"], base_outputs: Float[Ar
   if n_q == 0:
     return jnp.zeros((0,) + meta.output_shape, jnp.float32)
   outputs = base_outputs.reshape(n_q, meta.n_outputs)
-  sigma_arr = jnp.float32(sigma)
+  sigma_arr = jnp.asarray(sigma, jnp.float32)
   placement = sharded.placement(mem.residuals)
   pieces = []
   for n_valid, res, (chunk_outputs,) in search_chunks(

@@ -100,8 +100,11 @@ def _rank_key(row: dict):
 
 
 def _check_grid(name: str, values, check) -> tuple:
+  if isinstance(values, (np.ndarray, jax.Array)) and values.ndim == 1:
+    values = values.tolist()  # a 1-d array of settings, e.g. np.geomspace(0.1, 10, 5)
   if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-    raise ValueError(f"{name} must be a non-empty sequence, got {name}={values!r}")
+    raise ValueError(f"{name} must be a non-empty sequence (or 1-d array), got "
+                     f"{name}={values!r}")
   out = tuple(check(f"{name}[{i}]", x) for i, x in enumerate(values))
   if len(set(out)) != len(out):
     raise ValueError(f"{name} must not repeat a value, got {name}={values!r}")

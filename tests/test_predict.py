@@ -124,6 +124,22 @@ def test_predict_under_jit_with_a_closed_over_memory():
     jax.jit(lambda e: rm.predict(mem, e, bad, k=7, sigma=0.5))(xq)
 
 
+def test_sigma_as_an_array_or_traced():
+  mem, _, _, _, xq, zq = _classification()
+  want = np.asarray(rm.predict(mem, xq, zq, k=7, sigma=0.5))
+  for sigma in (np.float32(0.5), np.array(0.5), jnp.asarray(0.5)):
+    np.testing.assert_array_equal(rm.predict(mem, xq, zq, k=7, sigma=sigma), want)
+  got = jax.jit(lambda s: rm.predict(mem, xq, zq, k=7, sigma=s))(0.5)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
+  # Differentiable in sigma: the analytic derivative of the weights, by finite differences.
+  loss = lambda s: rm.predict(mem, xq, zq, k=7, sigma=s)[:, 0].sum()  # noqa: E731
+  step = 1e-2
+  numeric = (float(loss(0.5 + step)) - float(loss(0.5 - step))) / (2 * step)
+  assert float(jax.grad(loss)(0.5)) == pytest.approx(numeric, rel=1e-2, abs=1e-4)
+  with pytest.raises(TypeError, match=r"sigma.shape=\(2,\)"):
+    rm.predict(mem, xq, zq, k=7, sigma=np.array([0.5, 1.0]))
+
+
 def test_memory_permutation_does_not_change_predictions():
   mem, x, y, z, xq, zq = _classification()
   perm = np.random.default_rng(5).permutation(len(x))

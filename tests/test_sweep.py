@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -253,3 +254,11 @@ def test_large_chunk_sums_match_float64():
   want = np.where(nearest == yq, 0.0, -np.log(np.float64(np.float32(1e-7)))).mean()
   got = next(r for r in res.table if r["method"] == "knn" and r["k"] == 1)["log_loss"]
   assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_grids_may_be_arrays(cls_data):
+  x, y, z, xq, yq, zq = cls_data
+  want = rm.sweep((x, y, z), xq, zq, yq, ks=(1, 4), sigmas=(0.25, 1.0), temperatures=(1.0,))
+  got = rm.sweep((x, y, z), xq, zq, yq, ks=np.array([1, 4]), sigmas=np.geomspace(0.25, 1.0, 2),
+                 temperatures=jax.numpy.ones(1))
+  assert got.table == want.table
