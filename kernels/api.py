@@ -94,7 +94,7 @@ def _rescore(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
     q, idx = args
     winners = keys[idx]  # (m, D)
     if metric == "ip":
-      dist = -jnp.sum(q[None, :] * winners, axis=-1)
+      dist = 0.0 - jnp.sum(q[None, :] * winners, axis=-1)  # +0, never -0
     else:
       dist = jnp.sqrt(jnp.sum(jnp.square(q[None, :] - winners), axis=-1))
     if n_valid is not None and n_valid < idx.shape[0]:

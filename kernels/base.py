@@ -12,8 +12,9 @@ class KnnResult(NamedTuple):
   """The `k` nearest keys of each query, nearest first.
 
   Attributes:
-    distances: (Q, k) float32. Euclidean distance for `metric="l2"`, negated inner
-      product for `metric="ip"`; ascending along each row.
+    distances: (Q, k) float32 (float64 when 64-bit JAX is on and an input is float64).
+      Euclidean distance for `metric="l2"`, negated inner product for `metric="ip"`;
+      ascending along each row.
     indices: (Q, k) int32 row indices into `keys`. Equal distances are ordered by the
       lower index first.
   """

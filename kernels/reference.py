@@ -19,11 +19,11 @@ def ranking_scores(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   """Scores whose row order equals the distance order.
 
   l2: ||x||^2 - 2 <q, x>   (||q||^2 is dropped: it does not change a row's order)
-  ip: -<q, x>
+  ip: -<q, x>   (as 0 - <q, x>: +0, never -0, for a zero product; see xla._scores_t)
   """
   dots = jnp.dot(queries, keys.T, precision=HIGHEST)
   if metric == "ip":
-    return -dots
+    return 0.0 - dots
   return jnp.sum(keys * keys, axis=-1)[None, :] - 2.0 * dots
 
 

@@ -40,10 +40,14 @@ GATHER_BYTES = 4 << 20
 
 def _scores_t(x: Float[Array, "n D"], q: Float[Array, "bq D"], x_sq: Float[Array, "n"] | None
               ) -> Float[Array, "n bq"]:
-  """Ranking scores, keys along the rows: ||x||^2 - 2 <q, x> (l2, `x_sq` given) or -<q, x>."""
+  """Ranking scores, keys along the rows: ||x||^2 - 2 <q, x> (l2, `x_sq` given) or -<q, x>.
+
+  -<q, x> is written 0 - <q, x>: a zero product then scores +0, never -0, which
+  `lax.top_k` would rank apart from +0 (exactly equal distances must tie by index).
+  """
   dots = jnp.dot(x, q.T, precision=HIGHEST)
   if x_sq is None:
-    return -dots
+    return 0.0 - dots
   return x_sq[:, None] - 2.0 * dots
 
 
@@ -79,7 +83,7 @@ def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
       x_sq = None if key_sq is None else jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
       return None, tile_minima(x, x_sq)
 
-    _, minima = jax.lax.scan(body, None, jnp.arange(n_full))  # (T, block_n / chunk, bq)
+    _, minima = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))  # (T, block_n / chunk, bq)
     parts.append(minima.reshape(-1, bq))
   if n % block_n:
     start = n_full * block_n
@@ -135,7 +139,7 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
   block_n = min(block_n, n)
   n_full = n // block_n
   carry = (jnp.full((bq, k), jnp.inf, q.dtype), jnp.full((bq, k), n, jnp.int32))
-  carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full))
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full, dtype=jnp.int32))
   if n % block_n:
     start = n_full * block_n
     carry = merge(carry, keys[start:], None if aux is None else aux[start:], start)
@@ -153,7 +157,7 @@ def _exact_search(q: Float[Array, "s D"], keys: Float[Array, "N D"],
   cols = jnp.minimum(cols, n - 1)
   x = jnp.take(keys, cols, axis=0)  # (s, k * chunk, D)
   dots = jnp.einsum("qd,qmd->qm", q, x, precision=HIGHEST)
-  scores = -dots if key_sq is None else jnp.take(key_sq, cols) - 2.0 * dots
+  scores = 0.0 - dots if key_sq is None else jnp.take(key_sq, cols) - 2.0 * dots
   scores = jnp.where(valid, scores, jnp.inf)
   pos = _smallest(scores, k)
   return (jnp.take_along_axis(scores, pos, axis=1),

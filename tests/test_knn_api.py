@@ -331,3 +331,31 @@ def test_rescale_is_a_power_of_two_only_where_needed():
   for magnitude in (3e-30, 7e25):
     scale = api.exact_rescale(magnitude)
     assert np.frexp(scale)[0] == 0.5 and 0.5 <= magnitude * scale < 1.0
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla", "direct", None])
+def test_ip_zero_products_tie_by_index(implementation):
+  """0 * x is +0 or -0 by the sign of x; both are the same distance, lower index first."""
+  keys = np.array([[1.0], [-1.0], [2.0], [-2.0], [3.0]], np.float32)
+  res = resmem_jax.knn(np.zeros((1, 1), np.float32), keys, 2, metric="ip",
+                       implementation=implementation)
+  np.testing.assert_array_equal(res.indices, [[0, 1]])
+  signed = np.array([[0.0], [-0.0], [0.0], [-0.0], [-1.0]], np.float32)
+  res = resmem_jax.knn(np.ones((1, 1), np.float32), signed, 2, metric="ip",
+                       implementation=implementation)
+  np.testing.assert_array_equal(res.indices, [[0, 1]])
+
+
+@pytest.mark.parametrize("implementation", ["xla", "direct", None])
+def test_runs_with_64_bit_jax(implementation):
+  """Index arithmetic stays int32 when jax_enable_x64 makes jnp.arange int64."""
+  rng = np.random.default_rng(3)
+  queries = rng.normal(size=(30, 4))
+  keys = rng.normal(size=(200, 4))
+  want = np.argsort(((queries[:, None] - keys[None]) ** 2).sum(-1), axis=1, kind="stable")
+  with jax.enable_x64(True):
+    # k * chunk >= N: the unpruned running top-k, the path the fallback uses too.
+    res = resmem_jax.knn(queries, keys, 150, implementation=implementation)
+  assert res.indices.dtype == jnp.int32
+  assert res.distances.dtype == jnp.float64  # float64 data stay float64 under x64
+  np.testing.assert_array_equal(res.indices, want[:, :150])
