@@ -78,9 +78,9 @@ def default_implementation(n_queries: int, n_keys: int, k: int, dim: int, dtype)
 
 
 def _rescore(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
-             indices: Int[Array, "Q m"], metric: str, n_valid: int | None = None
+             indices: Int[Array, "Q m"], metric: str, scale, n_valid: int | None = None
              ) -> tuple[Float[Array, "Q m"], Int[Array, "Q m"]]:
-  """Exact distances of the candidates, computed directly, then re-sorted.
+  """Exact distances of the candidates on the data times `scale`, then re-sorted.
 
   The expanded ||x||^2 - 2 q.x ranks well but loses every digit of a distance that is
   small next to the norms; ||q - x|| on the candidates (Q x m x D work) does not.
@@ -92,7 +92,8 @@ def _rescore(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
 
   def one(args):
     q, idx = args
-    winners = keys[idx]  # (m, D)
+    q = q * scale
+    winners = keys[idx] * scale  # (m, D)
     if metric == "ip":
       dist = 0.0 - jnp.sum(q[None, :] * winners, axis=-1)  # +0, never -0
     else:
@@ -122,7 +123,7 @@ def n_candidates(k: int, n: int, metric: str) -> int:
 
 def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
                      mean: Float[Array, "1 D"], k: int, *, metric: str, implementation: str,
-                     block_sizes: BlockSizes | None, width: int | None = None
+                     block_sizes: BlockSizes | None, width: int | None = None, scale=1.0
                      ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"], Array]:
   r"""k nearest keys, re-scored exactly, with a per-query proof that none was missed.
 
@@ -147,6 +148,10 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   shard of a sharded search, and the direct fallback, compute the same bits as one
   device's ranked search.
 
+  `scale` (a power of two, `search_scale`): everything above runs on the data times
+  `scale`, which moves exponents only; `mean` is the mean of the scaled keys. The
+  distances are divided back at the end.
+
   Returns:
     (distances (Q, k), indices (Q, k), certified (Q,) bool).
   """
@@ -157,18 +162,24 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   # distances it returns for a row are the same bits.
   width = width or n_candidates(k, n, metric)
   if implementation == "direct":
-    q_rank, k_rank = queries, keys  # no centring: see kernels/direct.py
+    q_rank, k_rank = queries * scale, keys * scale  # no centring: see kernels/direct.py
   else:
-    q_rank, k_rank = queries - mean, keys - mean
+    q_rank, k_rank = queries * scale - mean, keys * scale - mean
   scores, indices = IMPLEMENTATIONS[implementation](
       q_rank, k_rank, n_cand, metric=metric, block_sizes=block_sizes)
   indices = indices.astype(jnp.int32)
   ranked = indices
   if width > n_cand:
     indices = jnp.pad(indices, ((0, 0), (0, width - n_cand)))
-  distances, indices = _rescore(queries, keys, indices, metric, n_valid=n_cand)
+  distances, indices = _rescore(queries, keys, indices, metric, scale, n_valid=n_cand)
+  # Back to the caller's units: l2 distances scale by s, inner products by s^2: two
+  # divisions, as s^2 may be beyond float32, kept apart by a barrier (XLA would
+  # otherwise rewrite (d / s) / s as d / (s * s)).
+  def unscale(d):
+    d = d / scale
+    return d if metric == "l2" else jax.lax.optimization_barrier(d) / scale
   if implementation == "direct":
-    return distances[:, :k], indices[:, :k], jnp.ones(queries.shape[0], bool)
+    return unscale(distances[:, :k]), indices[:, :k], jnp.ones(queries.shape[0], bool)
   gamma = 4.0 * (dim + 2) * float(jnp.finfo(scores.dtype).eps) / 2
   radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)
@@ -176,10 +187,11 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   trusted = _top_score_is_its_keys(q_rank, k_rank, scores, ranked, metric, gamma, error,
                                    q_sq, radius)
   if exact or n_cand == n:
-    return distances[:, :k], indices[:, :k], trusted
+    return unscale(distances[:, :k]), indices[:, :k], trusted
   excluded_at_least = jnp.max(scores, axis=-1) + q_sq - error
   kth_sq = jnp.square(distances[:, k - 1]) * (1.0 + gamma)
-  return distances[:, :k], indices[:, :k], trusted & (kth_sq < excluded_at_least)
+  certified = trusted & (kth_sq < excluded_at_least)
+  return unscale(distances[:, :k]), indices[:, :k], certified
 
 
 def _top_score_is_its_keys(q_rank, k_rank, scores, indices, metric: str, gamma: float,
@@ -228,43 +240,64 @@ def key_mean(keys: Float[Array, "N D"], metric: str) -> Float[Array, "1 D"]:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "metric", "implementation", "block_sizes"))
-def _knn_padded(queries, keys, *, k, metric, implementation, block_sizes):
+def _knn_padded(queries, keys, magnitude=None, *, k, metric, implementation, block_sizes):
+  """One device's certified search; `magnitude` (max |value|, a dynamic scalar) is
+  measured here when the caller could not (under an outer jit)."""
   queries, keys = _promote(queries, keys)
-  return search_certified(queries, keys, key_mean(keys, metric), k, metric=metric,
-                          implementation=implementation, block_sizes=block_sizes)
+  if magnitude is None:
+    magnitude = data_magnitude(queries, keys)
+  scale = search_scale(magnitude, keys.shape[1], keys.dtype)
+  return search_certified(queries, keys, key_mean(keys * scale, metric), k, metric=metric,
+                          implementation=implementation, block_sizes=block_sizes,
+                          scale=scale)
 
 
-def _search(queries, keys, k, *, metric, implementation, block_sizes, query_mesh=None):
+def _search(queries, keys, k, *, metric, implementation, block_sizes, query_mesh=None,
+            magnitude=None):
+  if magnitude is not None:
+    magnitude = np.float32(magnitude)  # a dynamic argument: no recompile per value
   if sharded.row_axes(keys) is not None:
     # Keys split over devices by rows: local searches + one merge, same result.
     return sharded.knn_sharded(queries, keys, k, metric=metric,
-                               implementation=implementation, block_sizes=block_sizes)
+                               implementation=implementation, block_sizes=block_sizes,
+                               magnitude=magnitude)
   if query_mesh is not None:
     # Several CPU devices: each searches a share of the queries at once (same bits).
     return sharded.knn_query_parallel(queries, keys, k, metric=metric,
                                       implementation=implementation,
-                                      block_sizes=block_sizes, mesh=query_mesh)
-  return _knn_padded(queries, keys, k=k, metric=metric, implementation=implementation,
-                     block_sizes=block_sizes)
+                                      block_sizes=block_sizes, mesh=query_mesh,
+                                      magnitude=magnitude)
+  return _knn_padded(queries, keys, magnitude, k=k, metric=metric,
+                     implementation=implementation, block_sizes=block_sizes)
 
 
-# Data with max |value| outside this range are searched rescaled: below it, squared
-# differences underflow (to 0 once |values| < ~1e-19, so every distance ties); above it,
-# ||q - x||^2 overflows (to inf once |values| > ~1e19). The neighbours do not change
-# when the data are scaled, and a power of two scales float32 values exactly.
-SAFE_MAGNITUDE = (2.0 ** -32, 2.0 ** 32)
+def target_exponent(dim: int) -> int:
+  """t such that data with max |value| below 2^t keep every intermediate of the search
+  within float32: the largest are ~8 D (2 max)^2 (ranking scores on centred data,
+  squared distances, the certificate's bounds), kept under 2^123 (a 16x margin)."""
+  return (123 - 5 - math.ceil(math.log2(dim))) // 2
 
 
-def exact_rescale(magnitude: float | None) -> float:
-  """A power of two s that brings max |value| into [1/2, 1), or 1.0 where none is needed.
+def search_scale(magnitude, dim: int, dtype=jnp.float32):
+  """The power of two s that puts max |value| in [2^(t-1), 2^t), t = `target_exponent`.
 
-  Exact: s * x only moves exponents (s stays a normal float32, within 2^+-126), so the
-  search on (s q, s x) is the search on (q, x) with every l2 distance times s and
-  every inner product times s^2.
+  The search runs on (s q, s x): s moves exponents only, so every rounding is the one
+  of the unscaled search, and the result has the same bits, wherever that one neither
+  underflows nor overflows. Where it would (max |value| beyond ~1e19 overflows
+  ||q - x||^2; below ~1e-19 the squares underflow to 0, and data spanning many orders
+  of magnitude lose their small differences), the scaled search does not: at the top
+  of the safe range, squares of values down to max * 2^-120 or so stay normal. `s`
+  stays a normal float (2^+-126). Works on a traced magnitude (under jit).
   """
-  if not magnitude or SAFE_MAGNITUDE[0] <= magnitude <= SAFE_MAGNITUDE[1]:
-    return 1.0
-  return math.ldexp(1.0, min(126, max(-126, -math.frexp(magnitude)[1])))
+  _, exponent = jnp.frexp(jnp.asarray(magnitude, jnp.float32))
+  shift = jnp.clip(target_exponent(dim) - exponent, -126, 126)
+  return jnp.ldexp(jnp.ones((), dtype), shift.astype(jnp.int32))
+
+
+def data_magnitude(queries, keys):
+  """max |value| over queries and keys, in the graph (for traced inputs)."""
+  return jnp.maximum(jnp.max(jnp.abs(queries), initial=0.0),
+                     jnp.max(jnp.abs(keys), initial=0.0)).astype(jnp.float32)
 
 
 def _default_kernel_or_xla(search: Callable, *arrays):
@@ -295,14 +328,14 @@ def _default_kernel_or_xla(search: Callable, *arrays):
     return search(implementation="xla")
 
 
-def _redo_uncertified(queries, keys, k, metric, distances, indices, certified):
+def _redo_uncertified(queries, keys, k, metric, distances, indices, certified, magnitude):
   """Rows whose certificate failed, recomputed by the exact direct search."""
   if v.is_traced(certified):
     # Under an outer jit the failing rows are unknown on the host: recompute the whole
     # batch, but only when some row needs it.
     def redo():
       d, i, _ = _search(queries[:distances.shape[0]], keys, k, metric=metric,
-                        implementation="direct", block_sizes=None)
+                        implementation="direct", block_sizes=None, magnitude=magnitude)
       keep = certified[:, None]
       return jnp.where(keep, distances, d), jnp.where(keep, indices, i)
     return jax.lax.cond(jnp.all(certified), lambda: (distances, indices), redo)
@@ -312,7 +345,8 @@ def _redo_uncertified(queries, keys, k, metric, distances, indices, certified):
   sub = jnp.asarray(queries)[rows]
   padded = query_bucket(rows.size)
   sub = jnp.pad(sub, ((0, padded - rows.size), (0, 0)))
-  d, i, _ = _search(sub, keys, k, metric=metric, implementation="direct", block_sizes=None)
+  d, i, _ = _search(sub, keys, k, metric=metric, implementation="direct", block_sizes=None,
+                    magnitude=magnitude)
   return (distances.at[rows].set(d[:rows.size]), indices.at[rows].set(i[:rows.size]))
 
 
@@ -330,7 +364,9 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   `Precision.HIGHEST`, over a few more candidates than k, then recomputes their
   distances directly as ||q - x||. A per-query certificate (`search_certified`) proves
   that no key outside the candidates can be nearer; queries it cannot prove (data
-  dense next to their norms) are recomputed by a direct-difference search. So the
+  dense next to their norms) are recomputed by a direct-difference search. All of it
+  runs on the data times a power of two (`search_scale`) that keeps squared
+  differences from underflowing or overflowing float32 at any data scale. So the
   result equals a float64 brute-force search up to float32 rounding of the distances.
   Memory stays O(block_q * (block_n + N / chunk) + Q * k) above a centred copy of
   the keys: the (Q, N) matrix is never formed.
@@ -401,10 +437,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
 
   if n_q == 0:
     return KnnResult(jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32))
-  # Under an outer jit the magnitudes are unknown here: the data are searched as given.
-  scale = exact_rescale(None if None in magnitudes else max(magnitudes))
-  if scale != 1.0:
-    queries, keys = queries * np.float32(scale), keys * np.float32(scale)
+  # Under an outer jit the magnitude is unknown here: the search measures it in the graph.
+  magnitude = None if None in magnitudes else max(magnitudes)
   padded = query_bucket(n_q)
   mesh = sharded.query_mesh(queries, keys)  # None for row-sharded (committed) keys
   if mesh is not None:  # an equal share of the queries for every CPU device
@@ -412,17 +446,11 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   if padded != n_q:
     queries = jnp.pad(jnp.asarray(queries), ((0, padded - n_q), (0, 0)))
   search = functools.partial(_search, queries, keys, k, metric=metric,
-                             block_sizes=block_sizes, query_mesh=mesh)
+                             block_sizes=block_sizes, query_mesh=mesh, magnitude=magnitude)
   if chosen and implementation == "pallas":
     distances, indices, certified = _default_kernel_or_xla(search, queries, keys)
   else:
     distances, indices, certified = search(implementation=implementation)
   distances, indices = _redo_uncertified(queries, keys, k, metric, distances[:n_q],
-                                         indices[:n_q], certified[:n_q])
-  if scale != 1.0:
-    # Back to the caller's units: l2 distances scale by s, inner products by s^2 (two
-    # divisions, as s^2 may be beyond float32).
-    distances = distances / np.float32(scale)
-    if metric == "ip":
-      distances = distances / np.float32(scale)
+                                         indices[:n_q], certified[:n_q], magnitude)
   return KnnResult(distances, indices)

@@ -78,7 +78,8 @@ def n_shards(mesh, axes: tuple[str, ...]) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, block_sizes):
+def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, block_sizes,
+                magnitude=None):
   """(distances, indices, certified) of the k nearest keys, `keys` row-sharded (module doc).
 
   `queries` are replicated over the mesh; the result is replicated too. The caller
@@ -92,30 +93,35 @@ def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, bloc
   else:
     keys = jax.device_put(keys, NamedSharding(mesh, P(axes, None)))
     queries = jax.device_put(queries, NamedSharding(mesh, P()))
-  return _knn_sharded(queries, keys, k=k, metric=metric, implementation=implementation,
-                      block_sizes=block_sizes, mesh=mesh, axes=axes)
+  return _knn_sharded(queries, keys, magnitude, k=k, metric=metric,
+                      implementation=implementation, block_sizes=block_sizes, mesh=mesh,
+                      axes=axes)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "metric", "implementation", "block_sizes",
                                              "mesh", "axes"))
-def _knn_sharded(queries, keys, *, k, metric, implementation, block_sizes, mesh, axes):
+def _knn_sharded(queries, keys, magnitude, *, k, metric, implementation, block_sizes, mesh,
+                 axes):
   # The registry and the re-scoring live in api.py, which imports this module.
   from resmem_jax.kernels import api  # pylint: disable=g-import-not-at-top
 
   queries, keys = api._promote(queries, keys)  # pylint: disable=protected-access
   n_local = keys.shape[0] // n_shards(mesh, axes)
   k_local = min(k, n_local)
-  # One global mean (an all-reduce) keeps every shard's ranking on the same centred
-  # coordinates as a single-device search.
-  mean = api.key_mean(keys, metric)
+  # One global scale and mean (all-reduces) keep every shard's ranking on the same
+  # scaled, centred coordinates as a single-device search.
+  if magnitude is None:
+    magnitude = api.data_magnitude(queries, keys)
+  scale = api.search_scale(magnitude, keys.shape[1], keys.dtype)
+  mean = api.key_mean(keys * scale, metric)
 
   # Re-score as many columns as one device would, so the distances are the same bits.
   width = api.n_candidates(k, keys.shape[0], metric)
 
-  def local(q, x, mu):
+  def local(q, x, mu, s):
     dist, idx, certified = api.search_certified(
         q, x, mu, k_local, metric=metric, implementation=implementation,
-        block_sizes=block_sizes, width=width)
+        block_sizes=block_sizes, width=width, scale=s)
     if k_local < k:
       # Fewer rows than k on this shard: pad with entries that sort last.
       dist = jnp.pad(dist, ((0, 0), (0, k - k_local)), constant_values=jnp.inf)
@@ -134,8 +140,8 @@ def _knn_sharded(queries, keys, *, k, metric, implementation, block_sizes, mesh,
   # check_vma=False: the single-device backends (scans with replicated initial carries)
   # are not annotated for varying manual axes. The outputs are replicated by
   # construction: every device sorts the same all-gathered candidates.
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None), P()),
-                       out_specs=(P(), P(), P()), check_vma=False)(queries, keys, mean)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes, None), P(), P()),
+                       out_specs=(P(), P(), P()), check_vma=False)(queries, keys, mean, scale)
 
 
 def query_mesh(queries, keys) -> Mesh | None:
@@ -163,7 +169,7 @@ def query_mesh(queries, keys) -> Mesh | None:
 
 
 def knn_query_parallel(queries, keys, k: int, *, metric: str, implementation: str,
-                       block_sizes, mesh: Mesh):
+                       block_sizes, mesh: Mesh, magnitude=None):
   """(distances, indices, certified): `queries` split over `mesh`, keys replicated.
 
   The number of queries must be a multiple of the mesh size. The result comes back to
@@ -173,7 +179,7 @@ def knn_query_parallel(queries, keys, k: int, *, metric: str, implementation: st
           else jax.devices()[0])
   queries = jax.device_put(queries, NamedSharding(mesh, P(QUERY_AXIS, None)))
   keys = jax.device_put(keys, NamedSharding(mesh, P()))
-  out = _knn_query_parallel(queries, keys, k=k, metric=metric,
+  out = _knn_query_parallel(queries, keys, magnitude, k=k, metric=metric,
                             implementation=implementation, block_sizes=block_sizes,
                             mesh=mesh)
   return jax.device_put(out, home)
@@ -181,15 +187,19 @@ def knn_query_parallel(queries, keys, k: int, *, metric: str, implementation: st
 
 @functools.partial(jax.jit, static_argnames=("k", "metric", "implementation", "block_sizes",
                                              "mesh"))
-def _knn_query_parallel(queries, keys, *, k, metric, implementation, block_sizes, mesh):
+def _knn_query_parallel(queries, keys, magnitude, *, k, metric, implementation, block_sizes,
+                        mesh):
   from resmem_jax.kernels import api  # pylint: disable=g-import-not-at-top
 
-  # Each device runs the single-device search on its share of the queries.
+  # Each device runs the single-device search on its share of the queries, at the scale
+  # of the whole batch, so every row gets the bits one device would give it.
+  if magnitude is None:
+    magnitude = api.data_magnitude(queries, keys)
   local = functools.partial(api._knn_padded, k=k, metric=metric,  # pylint: disable=protected-access
                             implementation=implementation, block_sizes=block_sizes)
   rows = P(QUERY_AXIS)
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(QUERY_AXIS, None), P()),
-                       out_specs=(rows, rows, rows), check_vma=False)(queries, keys)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(QUERY_AXIS, None), P(), P()),
+                       out_specs=(rows, rows, rows), check_vma=False)(queries, keys, magnitude)
 
 
 def placement(x) -> tuple | None:

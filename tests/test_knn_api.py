@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import warnings
@@ -309,28 +310,56 @@ def test_no_recompilation_within_a_bucket(monkeypatch):
 # Data far from magnitude 1: float32 squares would underflow or overflow.
 
 
+def _oracle(queries, keys, k, metric):
+  q, x = queries.astype(np.float64), keys.astype(np.float64)
+  scores = ((q[:, None] - x[None]) ** 2).sum(-1) if metric == "l2" else -(q @ x.T)
+  order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+  want = np.take_along_axis(scores, order, axis=1)
+  return order, np.sqrt(want) if metric == "l2" else want
+
+
+@pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("metric,scale", [
     ("l2", 1e-30), ("l2", 1e-20), ("l2", 1e20), ("l2", 1e30),  # ~1e-19 / 1e19: all tie
     ("ip", 1e-12), ("ip", 1e12)])
-def test_tiny_and_huge_data_are_searched_at_their_own_scale(metric, scale):
+def test_tiny_and_huge_data_are_searched_at_their_own_scale(metric, scale, jit):
   rng = np.random.default_rng(3)
   queries = (rng.standard_normal((40, 8)) * scale).astype(np.float32)
   keys = (rng.standard_normal((600, 8)) * scale).astype(np.float32)
-  result = resmem_jax.knn(queries, keys, 5, metric=metric)
-  q, x = queries.astype(np.float64), keys.astype(np.float64)
-  scores = ((q[:, None] - x[None]) ** 2).sum(-1) if metric == "l2" else -(q @ x.T)
-  order = np.argsort(scores, axis=1, kind="stable")[:, :5]
-  want = np.take_along_axis(scores, order, axis=1)
+  search = lambda q, x: resmem_jax.knn(q, x, 5, metric=metric)  # noqa: E731
+  result = (jax.jit(search) if jit else search)(queries, keys)  # under jit: scaled in-graph
+  order, want = _oracle(queries, keys, 5, metric)
   np.testing.assert_array_equal(np.asarray(result.indices), order)
-  np.testing.assert_allclose(np.asarray(result.distances),
-                             np.sqrt(want) if metric == "l2" else want, rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(result.distances), want, rtol=2e-6)
 
 
-def test_rescale_is_a_power_of_two_only_where_needed():
-  assert api.exact_rescale(None) == api.exact_rescale(0.0) == api.exact_rescale(3.0) == 1.0
-  for magnitude in (3e-30, 7e25):
-    scale = api.exact_rescale(magnitude)
-    assert np.frexp(scale)[0] == 0.5 and 0.5 <= magnitude * scale < 1.0
+@pytest.mark.parametrize("big,small", [(1e30, 1e-3), (1e20, 1e-2), (1e10, 1e-10),
+                                       (5e9, 1e-9), (1e4, 1e-17), (1.0, 1e-20)])
+def test_mixed_magnitudes(big, small):
+  """A small cluster and two far keys: the cluster's squared differences must survive."""
+  rng = np.random.default_rng(1)
+  keys = (small * rng.standard_normal((200, 4))).astype(np.float32)
+  keys[[3, 50]] = big
+  queries = (small * rng.standard_normal((5, 4))).astype(np.float32)
+  result = resmem_jax.knn(queries, keys, 4)
+  order, want = _oracle(queries, keys, 4, "l2")
+  np.testing.assert_array_equal(np.asarray(result.indices), order)
+  np.testing.assert_allclose(np.asarray(result.distances), want, rtol=2e-6)
+
+
+def test_search_scale_is_a_power_of_two_at_the_top_of_the_safe_range():
+  for dim in (1, 3, 128, 4096):
+    top = api.target_exponent(dim)
+    # The largest intermediates, ~8 D (2 max)^2, stay below float32's 2^128.
+    assert 5 + math.ceil(math.log2(dim)) + 2 * top < 125
+    for magnitude in (0.0, 3e-30, 1e-3, 1.0, 3.0, 7e25, 3e38):
+      scale = float(api.search_scale(magnitude, dim))
+      assert np.frexp(scale)[0] == 0.5  # a power of two
+      if magnitude:  # s itself stays within 2^+-126
+        assert magnitude * scale < 2.0 ** top
+        assert magnitude * scale >= 2.0 ** (top - 1) or scale == 2.0 ** 126
+  traced = jax.jit(lambda m: api.search_scale(m, 8))(np.float32(3.0))
+  assert float(traced) == float(api.search_scale(3.0, 8))
 
 
 @pytest.mark.parametrize("implementation", ["reference", "xla", "direct", None])
