@@ -439,6 +439,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     return KnnResult(jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32))
   # Under an outer jit the magnitude is unknown here: the search measures it in the graph.
   magnitude = None if None in magnitudes else max(magnitudes)
+  queries = sharded.searchable(queries)
+  keys = sharded.searchable(keys, rows_split_ok=True)
   padded = query_bucket(n_q)
   mesh = sharded.query_mesh(queries, keys)  # None for row-sharded (committed) keys
   if mesh is not None:  # an equal share of the queries for every CPU device

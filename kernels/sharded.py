@@ -74,6 +74,35 @@ def row_axes(x) -> tuple[str, ...] | None:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def searchable(x, *, rows_split_ok: bool = False):
+  """`x` in a layout the search takes: splits over Explicit mesh axes made Auto.
+
+  Under an Explicit mesh (`jax.make_mesh`'s default) every op must say how it treats
+  the split axes, and `lax.map` over split rows or a matmul over a split D is
+  refused. The search's own sharded path handles keys split by rows
+  (`rows_split_ok`); any other split array is put on the same devices and layout
+  with Auto axes, where XLA partitions the search itself. Under jit (a tracer typed
+  with Explicit splits) it is gathered (replicated) instead.
+  """
+  sharding = _sharding(x)
+  if not isinstance(sharding, NamedSharding) or not any(sharding.spec):
+    return x
+  mesh = sharding.mesh
+  explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+              if kind == jax.sharding.AxisType.Explicit}
+  split = {a for entry in sharding.spec if entry is not None
+           for a in ((entry,) if isinstance(entry, str) else entry)}
+  if rows_split_ok and row_axes(x) is not None:
+    return x
+  if not split & explicit:
+    return x
+  if isinstance(x, jax.core.Tracer):
+    return jax.sharding.reshard(x, NamedSharding(mesh, P()))
+  auto = Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+  return jax.device_put(x, NamedSharding(auto, sharding.spec))
+
+
 def n_shards(mesh, axes: tuple[str, ...]) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 

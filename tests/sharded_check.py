@@ -127,6 +127,16 @@ def main():
                                rtol=0, atol=1e-6)
     same(jit_knn(queries, placed_jit.keys).indices, rm.knn(queries, keys, 9).indices,
          f"knn under jit, keys sharded over {axes_mesh.axis_types}")
+  # Other splits on an Explicit mesh (data-parallel queries, keys split along D) are
+  # searched too, eagerly and under jit, with the one-device neighbours.
+  want = rm.knn(queries[:32], keys, 6).indices
+  split_queries = jax.device_put(queries[:32], NamedSharding(mesh, P("data", None)))
+  split_dims = jax.device_put(keys, NamedSharding(mesh, P(None, "data")))
+  for q_in, x_in, what in ((split_queries, keys, "queries split by rows"),
+                           (queries[:32], split_dims, "keys split along D"),
+                           (split_queries, split_dims, "both")):
+    same(rm.knn(q_in, x_in, 6).indices, want, f"{what} on an Explicit mesh")
+    same(jit_knn(q_in, x_in).indices[:, :6], want, f"{what} on an Explicit mesh, under jit")
   got = rm.sweep(placed, queries, q_logits, labels[:37], ks=(1, 4), sigmas=(0.5,))
   want = rm.sweep(mem, queries, q_logits, labels[:37], ks=(1, 4), sigmas=(0.5,))
   assert got.table == want.table, (got.table, want.table)
