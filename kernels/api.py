@@ -257,7 +257,7 @@ def _search(queries, keys, k, *, metric, implementation, block_sizes, query_mesh
   if magnitude is not None:
     magnitude = np.float32(magnitude)  # a dynamic argument: no recompile per value
   if sharded.row_axes(keys) is not None:
-    # Keys split over devices by rows: local searches + one merge, same result.
+    # Keys split over devices by rows: local searches + one merge, same neighbours.
     return sharded.knn_sharded(queries, keys, k, metric=metric,
                                implementation=implementation, block_sizes=block_sizes,
                                magnitude=magnitude)
