@@ -328,6 +328,18 @@ def _default_kernel_or_xla(search: Callable, *arrays):
     return search(implementation="xla")
 
 
+def _check_pallas_k(k: int, n_keys: int, metric: str) -> None:
+  """The kernel's running top-k holds k plus the certificate's margin: say so in k."""
+  limit = _pallas_knn.GPU_MAX_K if _platform() == "gpu" else _pallas_knn.MAX_K
+  need = n_candidates(k, n_keys, metric)
+  if need > limit:
+    largest = max(j for j in range(1, limit + 1) if n_candidates(j, n_keys, metric) <= limit)
+    raise ValueError(
+        f"implementation='pallas' keeps at most {limit} candidates per query here, and "
+        f"k={k} needs {need} (k plus a certificate margin of {need - k}): use k <= "
+        f"{largest}, or implementation='xla' or None")
+
+
 def _redo_uncertified(queries, keys, k, metric, distances, indices, certified, magnitude):
   """Rows whose certificate failed, recomputed by the exact direct search."""
   if v.is_traced(certified):
@@ -433,6 +445,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     available = ", ".join(repr(name) for name in IMPLEMENTATIONS)
     raise ValueError(f"implementation={implementation!r} is not available in this "
                      f"installation; use one of {available} or None")
+  if implementation == "pallas":
+    _check_pallas_k(k, n_keys, metric)
   magnitudes = [v.finite_magnitude("queries", queries), v.finite_magnitude("keys", keys)]
 
   if n_q == 0:

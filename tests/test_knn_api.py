@@ -388,3 +388,9 @@ def test_runs_with_64_bit_jax(implementation):
   assert res.indices.dtype == jnp.int32
   assert res.distances.dtype == jnp.float64  # float64 data stay float64 under x64
   np.testing.assert_array_equal(res.indices, want[:, :150])
+
+
+def test_pallas_k_limit_is_stated_in_the_callers_k():
+  queries, keys = _data(n=300)
+  with _raises(ValueError, "k=250 needs 265", "use k <= 241"):
+    resmem_jax.knn(queries, keys, 250, implementation="pallas")
