@@ -194,7 +194,8 @@ def broken_default_kernel(monkeypatch):
   """A TPU whose Pallas kernel, the default, fails to compile; returns its call log."""
   calls = []
   monkeypatch.setattr(api, "_platform", lambda: "tpu")
-  monkeypatch.setattr(api, "_pallas_knn", types.SimpleNamespace(is_supported=lambda **_: True))
+  monkeypatch.setattr(api, "_pallas_knn", types.SimpleNamespace(
+      is_supported=lambda **_: True, MAX_K=256, GPU_MAX_K=32))
   monkeypatch.setattr(api, "_PALLAS_FAILED", set())
   monkeypatch.setitem(IMPLEMENTATIONS, "pallas", _kernel_that_does_not_compile(calls))
   return calls

@@ -157,8 +157,10 @@ def test_k_at_the_kernel_maximum():
 
 def test_k_above_the_maximum_raises():
   queries, keys = random_data(23, 8, pk.MAX_K + 10, 3)
-  with pytest.raises(ValueError, match="must be in"):
+  with pytest.raises(ValueError, match=f"keeps at most {pk.MAX_K} candidates"):
     resmem_jax.knn(queries, keys, pk.MAX_K + 1, implementation="pallas")
+  with pytest.raises(ValueError, match="must be in"):  # the kernel's own check
+    pk.knn_pallas(queries, keys, pk.MAX_K + 1)
 
 
 def test_float64_inputs_raise():
