@@ -392,9 +392,11 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   (`jax.device_put(x, device)`) to keep the search there.
 
   Args:
-    queries: (Q, D) floating array.
+    queries: (Q, D) floating array. float64 input is searched in float32 unless
+      `jax_enable_x64` is on (as every JAX op would); the neighbours are then those of
+      the float32-rounded data.
     keys: (N, D) floating array, N >= 1.
-    k: number of neighbours, 1 <= k <= N.
+    k: number of neighbours, 1 <= k <= N (an int, or a concrete 0-d integer array).
     metric: "l2" (Euclidean) or "ip" (negated inner product).
     implementation: None picks the best for the platform (the Pallas kernel on GPU/TPU
       where it supports the problem, the blocked XLA search otherwise, the reference

@@ -90,6 +90,9 @@ def check_positive(name: str, value) -> None:
 
 
 def check_int(name: str, value, *, low: int, high: int | None = None) -> int:
+  if (isinstance(value, (np.ndarray, jax.Array)) and not is_traced(value)
+      and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer)):
+    value = int(value)  # a 0-d integer array, e.g. jnp.int32(5)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be an int, got {name}={value!r}")
   value = int(value)

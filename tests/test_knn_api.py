@@ -395,3 +395,10 @@ def test_pallas_k_limit_is_stated_in_the_callers_k():
   queries, keys = _data(n=300)
   with _raises(ValueError, "k=250 needs 265", "use k <= 241"):
     resmem_jax.knn(queries, keys, 250, implementation="pallas")
+
+
+def test_k_as_a_0d_integer_array():
+  queries, keys = _data(n=20)
+  want = resmem_jax.knn(queries, keys, 3).indices
+  for k in (np.int64(3), np.array(3), jnp.int32(3)):
+    np.testing.assert_array_equal(resmem_jax.knn(queries, keys, k).indices, want)
