@@ -244,10 +244,8 @@ def _knn_padded(queries, keys, magnitude=None, *, k, metric, implementation, blo
   """One device's certified search; `magnitude` (max |value|, a dynamic scalar) is
   measured here when the caller could not (under an outer jit)."""
   queries, keys = _promote(queries, keys)
-  if magnitude is None:
-    magnitude = data_magnitude(queries, keys)
-  scale = search_scale(magnitude, keys.shape[1], keys.dtype)
-  return search_certified(queries, keys, key_mean(keys * scale, metric), k, metric=metric,
+  scale, mean = scale_and_mean(queries, keys, magnitude, metric)
+  return search_certified(queries, keys, mean, k, metric=metric,
                           implementation=implementation, block_sizes=block_sizes,
                           scale=scale)
 
@@ -294,10 +292,17 @@ def search_scale(magnitude, dim: int, dtype=jnp.float32):
   return jnp.ldexp(jnp.ones((), dtype), shift.astype(jnp.int32))
 
 
-def data_magnitude(queries, keys):
-  """max |value| over queries and keys, in the graph (for traced inputs)."""
-  return jnp.maximum(jnp.max(jnp.abs(queries), initial=0.0),
-                     jnp.max(jnp.abs(keys), initial=0.0)).astype(jnp.float32)
+def scale_and_mean(queries, keys, magnitude, metric: str):
+  """The search's scale (`search_scale`) and the mean of the scaled keys (`key_mean`).
+
+  `magnitude` is max |value| over queries and keys; None (the caller could not
+  measure it on the host: under an outer jit) measures it here, in the graph.
+  """
+  if magnitude is None:
+    magnitude = jnp.maximum(jnp.max(jnp.abs(queries), initial=0.0),
+                            jnp.max(jnp.abs(keys), initial=0.0)).astype(jnp.float32)
+  scale = search_scale(magnitude, keys.shape[1], keys.dtype)
+  return scale, key_mean(keys * scale, metric)
 
 
 def _default_kernel_or_xla(search: Callable, *arrays):

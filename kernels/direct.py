@@ -26,7 +26,7 @@ def _direct_scores(q: Float[Array, "bq D"], x: Float[Array, "bn D"], aux, *, met
                    ) -> Float[Array, "bq bn"]:
   del aux
   if metric == "ip":
-    return 0.0 - jnp.sum(q[:, None, :] * x[None, :, :], axis=-1)  # +0, never -0
+    return -jnp.sum(q[:, None, :] * x[None, :, :], axis=-1)
   return jnp.sum(jnp.square(q[:, None, :] - x[None, :, :]), axis=-1)
 
 

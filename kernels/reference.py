@@ -19,11 +19,11 @@ def ranking_scores(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   """Scores whose row order equals the distance order.
 
   l2: ||x||^2 - 2 <q, x>   (||q||^2 is dropped: it does not change a row's order)
-  ip: -<q, x>   (as 0 - <q, x>: +0, never -0, for a zero product; see xla._scores_t)
+  ip: -<q, x>
   """
   dots = jnp.dot(queries, keys.T, precision=HIGHEST)
   if metric == "ip":
-    return 0.0 - dots
+    return -dots
   return jnp.sum(keys * keys, axis=-1)[None, :] - 2.0 * dots
 
 
@@ -32,5 +32,6 @@ def knn_reference(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: in
                   ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"]]:
   """Top-k of the full score matrix; `lax.top_k` keeps the lower index first on ties."""
   del block_sizes
-  neg_top, indices = jax.lax.top_k(-ranking_scores(queries, keys, metric), k)
+  # 0 - s, not -s: +0 and -0 must tie by index (see xla._smallest).
+  neg_top, indices = jax.lax.top_k(0.0 - ranking_scores(queries, keys, metric), k)
   return -neg_top, indices.astype(jnp.int32)

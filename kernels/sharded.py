@@ -88,15 +88,14 @@ def searchable(x, *, rows_split_ok: bool = False):
   with Explicit splits) it is gathered (replicated) instead.
   """
   sharding = _sharding(x)
-  if not isinstance(sharding, NamedSharding) or not any(sharding.spec):
+  if (not isinstance(sharding, NamedSharding) or not any(sharding.spec)
+      or (rows_split_ok and row_axes(x) is not None)):
     return x
   mesh = sharding.mesh
   explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
               if kind == jax.sharding.AxisType.Explicit}
   split = {a for entry in sharding.spec if entry is not None
            for a in ((entry,) if isinstance(entry, str) else entry)}
-  if rows_split_ok and row_axes(x) is not None:
-    return x
   if not split & explicit:
     return x
   if isinstance(x, jax.core.Tracer):
@@ -142,10 +141,7 @@ def _knn_sharded(queries, keys, magnitude, *, k, metric, implementation, block_s
   k_local = min(k, n_local)
   # One global scale and mean (all-reduces) keep every shard's ranking on the same
   # scaled, centred coordinates as a single-device search.
-  if magnitude is None:
-    magnitude = api.data_magnitude(queries, keys)
-  scale = api.search_scale(magnitude, keys.shape[1], keys.dtype)
-  mean = api.key_mean(keys * scale, metric)
+  scale, mean = api.scale_and_mean(queries, keys, magnitude, metric)
 
   # Re-score as many columns as one device would, so the distances are the same bits.
   width = api.n_candidates(k, keys.shape[0], metric)
@@ -201,11 +197,12 @@ def query_mesh(queries, keys) -> Mesh | None:
 
 
 def knn_query_parallel(queries, keys, k: int, *, metric: str, implementation: str,
-                       block_sizes, mesh: Mesh, magnitude=None):
+                       block_sizes, mesh: Mesh, magnitude: float):
   """(distances, indices, certified): `queries` split over `mesh`, keys replicated.
 
-  The number of queries must be a multiple of the mesh size. The result comes back to
-  the device the queries came from.
+  The number of queries must be a multiple of the mesh size; `magnitude` is max |value|
+  of the whole batch (measured on the host: `query_mesh` never splits traced inputs).
+  The result comes back to the device the queries came from.
   """
   home = (next(iter(queries.devices())) if isinstance(queries, jax.Array)
           else jax.devices()[0])
@@ -225,8 +222,6 @@ def _knn_query_parallel(queries, keys, magnitude, *, k, metric, implementation, 
 
   # Each device runs the single-device search on its share of the queries, at the scale
   # of the whole batch, so every row gets the bits one device would give it.
-  if magnitude is None:
-    magnitude = api.data_magnitude(queries, keys)
   local = functools.partial(api._knn_padded, k=k, metric=metric,  # pylint: disable=protected-access
                             implementation=implementation, block_sizes=block_sizes)
   rows = P(QUERY_AXIS)

@@ -40,20 +40,21 @@ GATHER_BYTES = 4 << 20
 
 def _scores_t(x: Float[Array, "n D"], q: Float[Array, "bq D"], x_sq: Float[Array, "n"] | None
               ) -> Float[Array, "n bq"]:
-  """Ranking scores, keys along the rows: ||x||^2 - 2 <q, x> (l2, `x_sq` given) or -<q, x>.
-
-  -<q, x> is written 0 - <q, x>: a zero product then scores +0, never -0, which
-  `lax.top_k` would rank apart from +0 (exactly equal distances must tie by index).
-  """
+  """Ranking scores, keys along the rows: ||x||^2 - 2 <q, x> (l2, `x_sq` given) or -<q, x>."""
   dots = jnp.dot(x, q.T, precision=HIGHEST)
   if x_sq is None:
-    return 0.0 - dots
+    return -dots
   return x_sq[:, None] - 2.0 * dots
 
 
 def _smallest(values: Float[Array, "bq m"], k: int) -> Int[Array, "bq k"]:
-  """Positions of the k smallest values of each row, lower position first on ties."""
-  return jax.lax.top_k(-values, k)[1]
+  """Positions of the k smallest values of each row, lower position first on ties.
+
+  Negated as 0 - v, which maps +0 and -0 both to +0: `lax.top_k` ranks +0 above -0,
+  and a zero inner product carries the sign of its factors, but equal distances must
+  tie by position.
+  """
+  return jax.lax.top_k(0.0 - values, k)[1]
 
 
 def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
@@ -157,7 +158,7 @@ def _exact_search(q: Float[Array, "s D"], keys: Float[Array, "N D"],
   cols = jnp.minimum(cols, n - 1)
   x = jnp.take(keys, cols, axis=0)  # (s, k * chunk, D)
   dots = jnp.einsum("qd,qmd->qm", q, x, precision=HIGHEST)
-  scores = 0.0 - dots if key_sq is None else jnp.take(key_sq, cols) - 2.0 * dots
+  scores = -dots if key_sq is None else jnp.take(key_sq, cols) - 2.0 * dots
   scores = jnp.where(valid, scores, jnp.inf)
   pos = _smallest(scores, k)
   return (jnp.take_along_axis(scores, pos, axis=1),

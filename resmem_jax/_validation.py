@@ -89,10 +89,16 @@ def check_positive(name: str, value) -> None:
     raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
 
 
+def concrete_scalar(value):
+  """A concrete 0-d NumPy or JAX array (e.g. `jnp.int32(5)`) as a Python scalar; any
+  other value as it is."""
+  if isinstance(value, (np.ndarray, jax.Array)) and not is_traced(value) and value.ndim == 0:
+    return value.item()
+  return value
+
+
 def check_int(name: str, value, *, low: int, high: int | None = None) -> int:
-  if (isinstance(value, (np.ndarray, jax.Array)) and not is_traced(value)
-      and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer)):
-    value = int(value)  # a 0-d integer array, e.g. jnp.int32(5)
+  value = concrete_scalar(value)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be an int, got {name}={value!r}")
   value = int(value)

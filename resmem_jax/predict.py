@@ -146,15 +146,12 @@ def check_k_exclude(mem: Memory, n_queries: int, k, exclude, *, k_name: str = "k
 def check_sigma(name: str, sigma):
   """sigma > 0: a real scalar or 0-d array, returned as a float; a traced scalar
   (`predict` under jit, or differentiated in sigma) passes unchecked."""
-  if isinstance(sigma, (np.ndarray, jax.Array)) and not isinstance(sigma, np.generic):
-    real = jnp.issubdtype(sigma.dtype, jnp.floating) or jnp.issubdtype(sigma.dtype, jnp.integer)
-    if sigma.ndim != 0 or not real:
-      raise TypeError(f"{name} must be a float or a 0-d real array, got "
-                      f"{name}.shape={tuple(sigma.shape)}, {name}.dtype={sigma.dtype}")
-    if v.is_traced(sigma):
-      return sigma
-    sigma = sigma.item()
-  return check_temperature(name, sigma)
+  if isinstance(sigma, (np.ndarray, jax.Array)) and sigma.ndim != 0:
+    raise TypeError(f"{name} must be a float or a 0-d array, got "
+                    f"{name}.shape={tuple(sigma.shape)}")
+  if v.is_traced(sigma):
+    return sigma
+  return check_temperature(name, v.concrete_scalar(sigma))
 
 
 def _pad_rows(x, rows: int):
