@@ -17,6 +17,7 @@ from resmem_jax.kernels import sharded
 from resmem_jax.kernels.base import BlockSizes, KnnResult
 from resmem_jax.kernels.direct import knn_direct
 from resmem_jax.kernels.reference import knn_reference
+from resmem_jax.kernels import xla
 from resmem_jax.kernels.xla import knn_xla
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -95,18 +96,49 @@ def _rescore(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
     q = q * scale
     winners = keys[idx] * scale  # (m, D)
     if metric == "ip":
-      dist = 0.0 - jnp.sum(q[None, :] * winners, axis=-1)  # +0, never -0
-    else:
-      dist = jnp.sqrt(jnp.sum(jnp.square(q[None, :] - winners), axis=-1))
-    if n_valid is not None and n_valid < idx.shape[0]:
-      valid = jnp.arange(idx.shape[0]) < n_valid
-      dist, idx = jnp.where(valid, dist, jnp.inf), jnp.where(valid, idx, n)
-    return jax.lax.sort((dist, idx), num_keys=2)
+      return 0.0 - jnp.sum(q[None, :] * winners, axis=-1)  # +0, never -0
+    return jnp.sqrt(jnp.sum(jnp.square(q[None, :] - winners), axis=-1))
 
   # A fixed batch (query buckets are multiples of 8) bounds the (batch, m, D) gather and
   # compiles the same loop body for every number of queries, so a row's distances are
   # the same bits whether it is searched in a large batch or re-done in a small one.
-  return jax.lax.map(one, (queries, indices), batch_size=RESCORE_BATCH)
+  dist = jax.lax.map(one, (queries, indices), batch_size=RESCORE_BATCH)
+  if n_valid is not None and n_valid < indices.shape[1]:
+    valid = jnp.arange(indices.shape[1])[None, :] < n_valid
+    dist, indices = jnp.where(valid, dist, jnp.inf), jnp.where(valid, indices, n)
+  return sort_nearly_sorted(dist, indices)
+
+
+def _after(d_a, i_a, d_b, i_b):
+  """(d_a, i_a) sorts strictly after (d_b, i_b)."""
+  return (d_a > d_b) | ((d_a == d_b) & (i_a > i_b))
+
+
+def sort_nearly_sorted(dist: Float[Array, "Q m"], idx: Int[Array, "Q m"],
+                       passes: int = 2) -> tuple[Float[Array, "Q m"], Int[Array, "Q m"]]:
+  """Rows sorted by (distance, index), cheaply when they almost are already.
+
+  The candidates arrive in the ranking's order, which the re-scored distances keep up
+  to swaps of near-ties. A few odd-even transposition passes (compare-and-swap of
+  neighbours, vectorized over all rows) sort such rows; if any row is still out of
+  order, the whole batch takes the full `lax.sort` instead. Either way the result is
+  the order of `lax.sort` on (distance, index).
+  """
+  d, i = dist, idx
+  rows, m = d.shape
+  for p in range(min(passes, m - 1)):
+    lo = p % 2
+    hi = lo + (m - lo) // 2 * 2
+    d_a, d_b = d[:, lo:hi:2], d[:, lo + 1:hi:2]
+    i_a, i_b = i[:, lo:hi:2], i[:, lo + 1:hi:2]
+    swap = _after(d_a, i_a, d_b, i_b)
+    d_mid = jnp.stack([jnp.where(swap, d_b, d_a), jnp.where(swap, d_a, d_b)], axis=2)
+    i_mid = jnp.stack([jnp.where(swap, i_b, i_a), jnp.where(swap, i_a, i_b)], axis=2)
+    d = jnp.concatenate([d[:, :lo], d_mid.reshape(rows, -1), d[:, hi:]], axis=1)
+    i = jnp.concatenate([i[:, :lo], i_mid.reshape(rows, -1), i[:, hi:]], axis=1)
+  in_order = ~jnp.any(_after(d[:, :-1], i[:, :-1], d[:, 1:], i[:, 1:]))
+  return jax.lax.cond(in_order, lambda: (d, i),
+                      lambda: tuple(jax.lax.sort((dist, idx), num_keys=2)))
 
 
 def candidate_margin(k: int) -> int:
@@ -133,10 +165,12 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   4 (D + 2) eps/2 (twice the textbook dot-product bound, as the pruning pass and the
   final selection may round differently). Every key left out has s >= s_m, the
   m-th candidate's score, so its true squared distance is at least
-  s_m + ||q_c||^2 - E(q). The candidates are re-scored directly as ||q - x||; if the
-  k-th of them is below that bound, the k nearest are proven exact (certified). The
-  certificate fails only where the data are dense next to their norms (many keys
-  within E of the k-th distance); `knn` recomputes those rows with "direct".
+  s_m + ||q_c||^2 - E(q). (The XLA path's ranking scores carry a position tag of up to
+  64 units in the last place; gamma grows by 2 * 64 eps for it.) The candidates are
+  re-scored directly as ||q - x||; if the k-th of them is below that bound, the k
+  nearest are proven exact (certified). The certificate fails only where the data are
+  dense next to their norms (many keys within E of the k-th distance); `knn`
+  recomputes those rows with "direct".
 
   The inner-product metric needs no gap certificate: its ranking score is its
   distance, with the same float32 rounding as the result. For both metrics the one
@@ -180,7 +214,10 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
     return d if metric == "l2" else jax.lax.optimization_barrier(d) / scale
   if implementation == "direct":
     return unscale(distances[:, :k]), indices[:, :k], jnp.ones(queries.shape[0], bool)
-  gamma = 4.0 * (dim + 2) * float(jnp.finfo(scores.dtype).eps) / 2
+  # The XLA path's paired minima tag its ranking scores, moving them by up to
+  # PACKED_ULPS units in the last place (kernels/xla.py): twice that joins the bound.
+  tagged_ulps = xla.PACKED_ULPS if implementation == "xla" else 0
+  gamma = (4.0 * (dim + 2) / 2 + 2.0 * tagged_ulps) * float(jnp.finfo(scores.dtype).eps)
   radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)
   error = gamma * (radius * radius + 2.0 * jnp.sqrt(q_sq) * radius)

@@ -35,11 +35,18 @@ class BlockSizes:
       scores of a row lie inside the k chunks with the smallest minima, so a cheap
       vectorized min per chunk shrinks what the exact selection must scan; it costs
       block_q * N / chunk floats of chunk minima per query tile.
+    pairs: keep each chunk's two smallest scores, the smallest tagged with its position,
+      instead of the minimum alone (l2 on float32 only; ip and float64 ignore it). The
+      k winners are then read off the chosen chunks' minima, and only the few chosen
+      chunks whose second score may also win are searched key by key. Needs a
+      power-of-two chunk of at most 64: the position lives in the score's last
+      log2(chunk) bits (see `kernels/xla.py`).
   """
 
   block_q: int = 256
   block_n: int = 2048
   chunk: int = 16
+  pairs: bool = False
 
   def __post_init__(self):
     for name in ("block_q", "block_n"):
@@ -51,10 +58,16 @@ class BlockSizes:
     if self.chunk and self.block_n % self.chunk:
       raise ValueError(
           f"BlockSizes.block_n={self.block_n} must be a multiple of chunk={self.chunk}")
+    if self.pairs and (self.chunk not in (2, 4, 8, 16, 32, 64)):
+      raise ValueError(f"BlockSizes.pairs needs chunk to be a power of two from 2 to 64, "
+                       f"got chunk={self.chunk}")
 
   @classmethod
-  def get_default(cls, k: int, d: int) -> "BlockSizes":
+  def get_default(cls, k: int, d: int, n: int | None = None) -> "BlockSizes":
     """The fastest of the tiles tried on a 2-core x86 CPU (see kernels/bench.py).
+
+    `n` is the number of keys when the search could use paired minima (l2 on
+    float32), None otherwise.
 
     Measured at k = 10 (d = 64 and 128) and k = 100 (d = 128); other k reuse the
     nearest setting. A (block_n, block_q) = (2048, 256) score tile (2 MiB) was as
@@ -64,9 +77,18 @@ class BlockSizes:
     matter more when a low d makes the matmul cheap. At k = 100 and 106, d = 128,
     chunk 8 took 2-3% less CPU time than chunk 4 (the exact search's gather, cached
     per few queries, is cheaper than the longer chunk-minimum selection).
+
+    Paired minima (`pairs`) skip most of that gather. They pay where k is large and
+    two winners rarely share a chunk: about k^2 chunk / (2 n) chosen chunks per query
+    hold a second candidate, and up to `xla.PAIR_SLOTS` (8) of them are searched key
+    by key (a query tile with a query beyond that runs the unpaired exact search).
+    At n = 100k, k = 106, d = 128, pairs with chunk 16 took 17-19% less CPU time than
+    chunk 8 unpaired; at k = 14 they gained under 5% (not used).
     """
     if k <= 16:
       return cls(block_q=256, block_n=2048, chunk=32 if d <= 96 else 16)
     if k <= 256:
+      if n is not None and k * k * 16 <= 4 * n:  # <= 2 chunks per query to search whole
+        return cls(block_q=256, block_n=2048, chunk=16, pairs=True)
       return cls(block_q=256, block_n=2048, chunk=8)
     return cls(block_q=256, block_n=2048, chunk=0)

@@ -20,6 +20,25 @@ Ties keep the lower index first: `lax.top_k` is stable, chosen chunks and groups
 put back in position order before their members are expanded, so every candidate list
 is in increasing key order. A chunk whose minimum ties the k-th smallest minimum holds
 a tied score at a lower index than any tied score in a later, unchosen chunk.
+
+Paired minima (`BlockSizes.pairs`, l2 on float32) make step 3 mostly vanish. Step 1
+keeps two numbers per chunk, its smallest score m1 tagged with that key's position
+and its second smallest m2. Let tau be the largest m1 of the k chosen chunks. Every
+key outside the chosen chunks scores >= tau, and every key but the smallest of a
+chosen chunk scores >= m2. So where m2 > tau for all k chosen chunks, the k winners
+are exactly the k tagged minima: no key is gathered. A chosen chunk with m2 <= tau
+(about k^2 chunk / (2N) of them per query on data in random order) may hold a second
+winner: its keys are gathered and scored as in step 3, up to `PAIR_SLOTS` chunks per
+query. A query tile with a query that has more such chunks runs the unpaired step 3.
+
+The tag: scores are mapped to int32 keys with the same order (`_ordered`); the last
+log2(chunk) bits of a key are replaced by the key's position in its chunk, so one
+elementwise min gives the minimum and where it is. A tagged score differs from the
+score by less than chunk units in the last place, at most `PACKED_ULPS`; the
+certificate in `api.search_certified` allows for it. Equal tagged minima keep the
+lower chunk first; a tie between a tagged minimum and a key of a searched chunk is
+not put in index order here, which is left to the certificate's re-scoring (it sorts
+its candidates by (distance, index), and a tie that reaches past them fails it).
 """
 
 from __future__ import annotations
@@ -36,6 +55,10 @@ from resmem_jax.kernels.base import BlockSizes
 HIGHEST = jax.lax.Precision.HIGHEST
 # Bytes of gathered keys per exact-search step: a few MiB stay in the last-level cache.
 GATHER_BYTES = 4 << 20
+# Paired minima: chosen chunks searched key by key per query (see the module docstring).
+PAIR_SLOTS = 8
+# Largest change of a ranking score by its position tag: chunks hold at most 64 keys.
+PACKED_ULPS = 64
 
 
 def _scores_t(x: Float[Array, "n D"], q: Float[Array, "bq D"], x_sq: Float[Array, "n"] | None
@@ -93,7 +116,7 @@ def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
 
 
 def _select_chunks(minima: Float[Array, "G bq"], k: int) -> Int[Array, "bq k"]:
-  """Ids of the k chunks with the smallest minima, in increasing order."""
+  """Ids of the k chunks with the smallest minima, ordered by (minimum, id)."""
   n_chunks, bq = minima.shape
   # Groups of chunks, so that top_k scans ~ G / group + k * group values, not G.
   group = 2 ** round(math.log2(max(1.0, math.sqrt(n_chunks / k) / 2)))
@@ -108,7 +131,78 @@ def _select_chunks(minima: Float[Array, "G bq"], k: int) -> Int[Array, "bq k"]:
     chunk_ids = jnp.take_along_axis(candidates, _smallest(values, k), axis=1)
   else:
     chunk_ids = _smallest(minima.T, k)
-  return jnp.sort(chunk_ids, axis=-1)
+  return chunk_ids
+
+
+def _flip(bits: Int[Array, "..."]) -> Int[Array, "..."]:
+  """Negative float32 bit patterns reversed, so int32 order is float order (an involution)."""
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _ordered(scores: Float[Array, "..."]) -> Int[Array, "..."]:
+  """float32 -> int32 keys with the same order."""
+  return _flip(jax.lax.bitcast_convert_type(scores, jnp.int32))
+
+
+def _from_ordered(keys: Int[Array, "..."]) -> Float[Array, "..."]:
+  """The inverse of `_ordered`."""
+  return jax.lax.bitcast_convert_type(_flip(keys), jnp.float32)
+
+
+def _tile_pairs(scores: Float[Array, "n bq"], chunk: int
+                ) -> tuple[Int[Array, "c bq"], Int[Array, "c bq"]]:
+  """Per chunk of `chunk` rows: the smallest tagged score m1 and the second smallest m2.
+
+  Scores become ordered int32 keys whose last log2(chunk) bits hold the row's position
+  in its chunk, so all keys of a chunk differ and the position of m1 is `m1 & (chunk - 1)`.
+  A pairwise tournament keeps (min, second min) with elementwise min/max only, which
+  vectorizes across the queries like a plain min. The ragged last chunk is padded with
+  the largest float, which stays below the NaN keys after tagging.
+  """
+  pad = -scores.shape[0] % chunk
+  if pad:
+    scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=jnp.finfo(scores.dtype).max)
+  tagged = _ordered(scores).reshape(-1, chunk, scores.shape[1])
+  tagged = (tagged & ~(chunk - 1)) | jnp.arange(chunk, dtype=jnp.int32)[None, :, None]
+  lows = [tagged[:, j] for j in range(chunk)]
+  highs = [None] * chunk
+  while len(lows) > 1:
+    merged_lows, merged_highs = [], []
+    for a in range(0, len(lows), 2):
+      low_a, high_a, low_b, high_b = lows[a], highs[a], lows[a + 1], highs[a + 1]
+      merged_lows.append(jnp.minimum(low_a, low_b))
+      second = jnp.maximum(low_a, low_b)
+      if high_a is not None:
+        second = jnp.minimum(second, jnp.minimum(high_a, high_b))
+      merged_highs.append(second)
+    lows, highs = merged_lows, merged_highs
+  return lows[0], highs[0]
+
+
+def _chunk_pairs(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
+                 block_n: int, chunk: int) -> tuple[Int[Array, "G bq"], Int[Array, "G bq"]]:
+  """`_tile_pairs` of every key tile, keys-major like `_chunk_minima`."""
+  n = keys.shape[0]
+  bq = q.shape[0]
+  n_full = n // block_n
+  firsts, seconds = [], []
+  if n_full:
+    def body(_, b):
+      x = jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n)
+      x_sq = jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
+      return None, _tile_pairs(_scores_t(x, q, x_sq), chunk)
+
+    _, (m1, m2) = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))
+    firsts.append(m1.reshape(-1, bq))
+    seconds.append(m2.reshape(-1, bq))
+  if n % block_n:
+    start = n_full * block_n
+    m1, m2 = _tile_pairs(_scores_t(keys[start:], q, key_sq[start:]), chunk)
+    firsts.append(m1)
+    seconds.append(m2)
+  if len(firsts) == 1:
+    return firsts[0], seconds[0]
+  return jnp.concatenate(firsts, axis=0), jnp.concatenate(seconds, axis=0)
 
 
 def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, block_n: int,
@@ -174,20 +268,77 @@ def _gather_rows(bq: int, row_bytes: int) -> int:
   return rows
 
 
-def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
-                key_sq: Float[Array, "N"] | None, k: int, block_n: int, chunk: int
+def _exact_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+                key_sq: Float[Array, "N"] | None, chunk_ids: Int[Array, "bq k"], chunk: int
                 ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
-  n, d = keys.shape
-  if not chunk or k * chunk >= n:  # pruning cannot help
-    return running_top_k(q, keys, k, block_n, lambda q, x, x_sq: _scores_t(x, q, x_sq).T,
-                         key_sq)
-  bq = q.shape[0]
-  chunk_ids = _select_chunks(_chunk_minima(q, keys, key_sq, block_n, chunk), k)
+  """Step 3 for a whole query tile, a few queries (`_gather_rows`) at a time.
+
+  The chosen chunks are put in increasing order first, so that every candidate list
+  is in increasing key order (ties: lower index first).
+  """
+  chunk_ids = jnp.sort(chunk_ids, axis=-1)
+  bq, k = chunk_ids.shape
+  d = keys.shape[1]
   rows = _gather_rows(bq, k * chunk * d * keys.dtype.itemsize)
   best, best_idx = jax.lax.map(
       lambda a: _exact_search(a[0], keys, key_sq, a[1], chunk),
       (q.reshape(-1, rows, d), chunk_ids.reshape(-1, rows, k)))
   return best.reshape(bq, k), best_idx.reshape(bq, k)
+
+
+def _paired_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
+                 k: int, block_n: int, chunk: int
+                 ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  """Steps 1-3 with paired minima (module docstring)."""
+  n = keys.shape[0]
+  bq = q.shape[0]
+  first, second = _chunk_pairs(q, keys, key_sq, block_n, chunk)
+  chunk_ids = _select_chunks(_from_ordered(first), k)  # (bq, k)
+  rows = jnp.arange(bq)[:, None]
+  low = first[chunk_ids, rows]
+  tau = jnp.max(low, axis=1, keepdims=True)
+  crowded = second[chunk_ids, rows] <= tau  # may hold a second winner
+  # The first PAIR_SLOTS crowded chunks (stable top_k: in position order) are searched
+  # key by key; empty slots are masked.
+  n_slots = min(PAIR_SLOTS, k)
+  slots = jax.lax.top_k(crowded.astype(jnp.float32), n_slots)[1]
+  slot_used = jnp.take_along_axis(crowded, slots, axis=1)
+  slot_chunks = jnp.take_along_axis(chunk_ids, slots, axis=1)
+  cols = (slot_chunks[:, :, None] * chunk
+          + jnp.arange(chunk)[None, None, :]).reshape(bq, n_slots * chunk)
+  valid = jnp.repeat(slot_used, chunk, axis=1) & (cols < n)
+  cols = jnp.minimum(cols, n - 1)
+  dots = jnp.einsum("qd,qmd->qm", q, jnp.take(keys, cols, axis=0), precision=HIGHEST)
+  member_scores = jnp.where(valid, jnp.take(key_sq, cols) - 2.0 * dots, jnp.inf)
+  # Every other chosen chunk contributes its tagged minimum alone.
+  low_scores = jnp.where(crowded, jnp.inf, _from_ordered(low))
+  low_idx = chunk_ids * chunk + (low & (chunk - 1))
+  pool = jnp.concatenate([low_scores, member_scores], axis=1)
+  pool_idx = jnp.concatenate([low_idx, cols], axis=1)
+  pos = _smallest(pool, k)
+  best = jnp.take_along_axis(pool, pos, axis=1)
+  best_idx = jnp.take_along_axis(pool_idx, pos, axis=1).astype(jnp.int32)
+  overflow = jnp.sum(crowded, axis=1) > n_slots
+
+  def unpaired():
+    exact, exact_idx = _exact_tile(q, keys, key_sq, chunk_ids, chunk)
+    return (jnp.where(overflow[:, None], exact, best),
+            jnp.where(overflow[:, None], exact_idx, best_idx))
+
+  return jax.lax.cond(jnp.any(overflow), unpaired, lambda: (best, best_idx))
+
+
+def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+                key_sq: Float[Array, "N"] | None, k: int, block_n: int, chunk: int,
+                pairs: bool = False) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  n = keys.shape[0]
+  if not chunk or k * chunk >= n:  # pruning cannot help
+    return running_top_k(q, keys, k, block_n, lambda q, x, x_sq: _scores_t(x, q, x_sq).T,
+                         key_sq)
+  if pairs:
+    return _paired_tile(q, keys, key_sq, k, block_n, chunk)
+  chunk_ids = _select_chunks(_chunk_minima(q, keys, key_sq, block_n, chunk), k)
+  return _exact_tile(q, keys, key_sq, chunk_ids, chunk)
 
 
 def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
@@ -198,10 +349,14 @@ def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   Queries are padded to a multiple of the query tile; the public wrapper's size
   buckets keep that padding small.
   """
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default(k, queries.shape[1])
   n_q = queries.shape[0]
   n = keys.shape[0]
+  # Paired minima tag float32 ranking scores; ip keeps its scores untouched (they are
+  # its distances).
+  pairs_ok = metric == "l2" and keys.dtype == jnp.float32
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(k, queries.shape[1], n if pairs_ok else None)
+  pairs = pairs_ok and block_sizes.pairs
   chunk = block_sizes.chunk
   block_n = min(block_sizes.block_n, n)
   if chunk:  # a key tile holds whole chunks
@@ -214,5 +369,5 @@ def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   key_sq = jnp.sum(keys * keys, axis=-1) if metric == "l2" else None
   q_tiles = padded.reshape(n_tiles, block_q, -1)
   best, best_idx = jax.lax.map(
-      lambda q: _query_tile(q, keys, key_sq, k, block_n, chunk), q_tiles)
+      lambda q: _query_tile(q, keys, key_sq, k, block_n, chunk, pairs), q_tiles)
   return best.reshape(-1, k)[:n_q], best_idx.reshape(-1, k)[:n_q]

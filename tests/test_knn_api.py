@@ -402,3 +402,27 @@ def test_k_as_a_0d_integer_array():
   want = resmem_jax.knn(queries, keys, 3).indices
   for k in (np.int64(3), np.array(3), jnp.int32(3)):
     np.testing.assert_array_equal(resmem_jax.knn(queries, keys, k).indices, want)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 106])
+def test_sort_nearly_sorted_equals_a_full_sort(m):
+  """The re-score's sort: transposition passes for nearly sorted rows (ties in the
+  distance ordered by index, padding (inf, N) pairs last), the full sort otherwise."""
+  rng = np.random.default_rng(m)
+  n_rows = 16
+  for case in ("sorted", "adjacent swaps", "shuffled", "ties and padding"):
+    dist = np.sort(rng.integers(0, 6, (n_rows, m)).astype(np.float32), axis=1)
+    idx = np.stack([rng.permutation(500)[:m] for _ in range(n_rows)]).astype(np.int32)
+    if case == "adjacent swaps" and m > 1:
+      for row in range(n_rows):
+        j = rng.integers(0, m - 1)
+        dist[row, [j, j + 1]] = dist[row, [j + 1, j]]
+    elif case == "shuffled":
+      dist = rng.permutation(dist.T).T.copy()
+    elif case == "ties and padding":
+      dist[:, m // 2:] = np.inf
+      idx[:, m // 2:] = 500
+    got = api.sort_nearly_sorted(jnp.asarray(dist), jnp.asarray(idx))
+    want = jax.lax.sort((jnp.asarray(dist), jnp.asarray(idx)), num_keys=2)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=case)
