@@ -203,10 +203,74 @@ def _read_metrics(path: str, upto_epoch: int) -> list[dict[str, Any]]:
   return [r for r in records if r["epoch"] <= upto_epoch]
 
 
+def check_training_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError or TypeError naming the first training setting out of range."""
+  v.check_int("batch_size", config.batch_size, low=1)
+  v.check_int("num_epochs", config.num_epochs, low=0)
+  if config.get("max_train") is not None:
+    v.check_int("max_train", config.max_train, low=1)
+  v.check_positive("learning_rate", config.learning_rate)
+  for name in ("warmup_epochs", "weight_decay", "momentum"):
+    value = config.get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        np.isfinite(value) and value >= 0):
+      raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
+  if config.get("momentum", 0.0) >= 1:
+    raise ValueError(f"momentum must be < 1, got momentum={config.momentum!r}")
+  for name, value in dict(config.get("model_kwargs") or {}).items():
+    if name in ("width", "embed_dim", "depth") and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+      raise ValueError(f"model_kwargs.{name} must be > 0, got {name}={value!r}")
+
+
+# Settings that leave the trained model unchanged: a resumed run may change them.
+RESUMABLE_SETTINGS = ("progress", "keep_checkpoints", "eval_batch_size", "resmem", "analysis",
+                      "data_dir", "manual_dir")
+TRAINING_CONFIG_FILE = "training_config.json"
+
+
+def _training_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings that determine the trained model, as JSON values."""
+  settings = {k: val for k, val in config.to_dict().items() if k not in RESUMABLE_SETTINGS}
+  return json.loads(json.dumps(settings, default=repr))
+
+
+def _check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: bool) -> None:
+  """A checkpoint resumes only the run that wrote it.
+
+  The first run in `workdir` records its training settings; a later run that would
+  resume from the checkpoint must have the same ones, or it raises instead of
+  reporting the old model's numbers under the new config.
+  """
+  path = os.path.join(workdir, TRAINING_CONFIG_FILE)
+  settings = _training_settings(config)
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+    changed = sorted(set(recorded) | set(settings),
+                     key=lambda name: (name not in settings, name))
+    changed = [name for name in changed if recorded.get(name) != settings.get(name)]
+    if changed:
+      details = ", ".join(f"{name}: {recorded.get(name)!r} -> {settings.get(name)!r}"
+                          for name in changed)
+      raise ValueError(
+          f"workdir {workdir!r} holds a checkpoint trained with other settings ({details}); "
+          f"use a new workdir for this config, or delete the old one to start over")
+  if not resuming or not os.path.exists(path):
+    with open(path, "w") as f:
+      json.dump(settings, f, indent=1, sort_keys=True)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Splits
           ) -> tuple[TrainState, list[dict[str, Any]]]:
   """Trains (or resumes training of) the base model; returns the final state and the
-  per-epoch metrics (also in `workdir/metrics.jsonl`)."""
+  per-epoch metrics (also in `workdir/metrics.jsonl`).
+
+  Raises:
+    ValueError: a training setting out of range, or a workdir whose checkpoint was
+      trained with other settings (`RESUMABLE_SETTINGS` may differ).
+  """
+  check_training_config(config)
   os.makedirs(workdir, exist_ok=True)
   n_train = len(splits.train)
   batch_size = min(config.batch_size, n_train)
@@ -223,6 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Spli
   manager = _checkpoint_manager(workdir, config.get("keep_checkpoints", 2))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   try:
+    _check_same_run(workdir, config, resuming=manager.latest_step() is not None)
     state = restore_or_init(manager, state)
     start_epoch = int(state.step) // steps_per_epoch
     # A run killed after logging an epoch but before its checkpoint landed would log
@@ -409,6 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     >>> results["resmem_test_accuracy"] - results["deepnet_test_accuracy"]
   """
   t_start = time.time()
+  check_training_config(config)  # before the data are loaded
   os.makedirs(workdir, exist_ok=True)
   splits = load_splits(config) if splits is None else splits
   t_data = time.time() - t_start
@@ -488,6 +554,7 @@ def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict
     width, embed_dim, depth = (*size, 2) if len(size) == 2 else size
     sizes.append((v.check_int("width", width, low=1), v.check_int("embed_dim", embed_dim, low=1),
                   v.check_int("depth", depth, low=1)))
+  check_training_config(config)
   splits = load_splits(config)
   rows = []
   for width, embed_dim, depth in tqdm(sizes, desc="sizes",

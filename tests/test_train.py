@@ -108,6 +108,66 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
   assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def _mnist_tiny():
+  config = configs.get_config("mnist", "quick")
+  config.progress = False
+  config.num_epochs = 1
+  config.max_train = 200
+  config.batch_size = 100
+  config.analysis.num_examples = 0
+  return config
+
+
+def test_a_workdir_resumes_only_its_own_run(tmp_path):
+  """A checkpoint trained under other settings is never reported under this config."""
+  workdir = str(tmp_path)
+  config = _mnist_tiny()
+  splits = train.load_splits(config)
+  first = train.train_and_evaluate(config, workdir, splits=splits)
+  # Settings of the ResMem stage, the analysis and the run may change on resume.
+  config.resmem.ks = (1,)
+  config.eval_batch_size = 50
+  config.progress = False
+  again = train.train_and_evaluate(config, workdir, splits=splits)
+  assert again["deepnet_test_accuracy"] == first["deepnet_test_accuracy"]
+  for name, value in [("seed", 1), ("batch_size", 50), ("num_epochs", 2),
+                      ("learning_rate", 0.1)]:
+    changed = _mnist_tiny()
+    changed[name] = value
+    with pytest.raises(ValueError, match=f"other settings.*{name}"):
+      train.train_and_evaluate(changed, workdir, splits=splits)
+  wider = _mnist_tiny()
+  wider.model_kwargs.width = 3
+  with pytest.raises(ValueError, match="model_kwargs"):  # not Orbax's shape error
+    train.train_and_evaluate(wider, workdir, splits=splits)
+  # A fresh workdir takes any settings.
+  other = _mnist_tiny()
+  other.seed = 1
+  assert train.train_and_evaluate(other, str(tmp_path / "fresh"), splits=splits)["seed"] == 1
+
+
+@pytest.mark.parametrize("name,value,error", [
+    ("batch_size", 0, ValueError), ("batch_size", -5, ValueError),
+    ("max_train", 0, ValueError), ("num_epochs", -1, ValueError),
+    ("learning_rate", -0.1, ValueError), ("learning_rate", 0.0, ValueError),
+    ("warmup_epochs", -2, ValueError), ("weight_decay", -1.0, ValueError),
+    ("momentum", 1.0, ValueError), ("momentum", float("nan"), ValueError)])
+def test_bad_training_settings_raise_naming_the_setting(tmp_path, name, value, error):
+  config = _mnist_tiny()
+  config[name] = value
+  with pytest.raises(error, match=name):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")  # raised before training
+
+
+@pytest.mark.parametrize("name,value", [("width", 0), ("width", -1), ("embed_dim", 0)])
+def test_bad_model_size_raises(tmp_path, name, value):
+  config = _mnist_tiny()
+  config.model_kwargs[name] = value
+  with pytest.raises(ValueError, match=f"model_kwargs.{name}"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def test_schedule_and_weight_decay_mask():
   config = configs.get_config("mnist")
   config.num_epochs, config.warmup_epochs, config.learning_rate = 4, 1.0, 0.2
