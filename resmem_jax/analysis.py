@@ -9,6 +9,7 @@ Figure, which a notebook displays, and saves a PNG when given a `path`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -40,15 +41,17 @@ def per_class_gain(labels: np.ndarray, base_pred: np.ndarray, resmem_pred: np.nd
 
   Returns:
     {"count", "deepnet_accuracy", "resmem_accuracy", "gain"}: lists of length
-    `num_classes` (accuracies are NaN for a class absent from `labels`).
+    `num_classes` (None for a class absent from `labels`: null in JSON).
   """
   labels, base_pred, resmem_pred = map(np.asarray, (labels, base_pred, resmem_pred))
   count = np.bincount(labels, minlength=num_classes)
   with np.errstate(invalid="ignore", divide="ignore"):
     base = np.bincount(labels, weights=base_pred == labels, minlength=num_classes) / count
     res = np.bincount(labels, weights=resmem_pred == labels, minlength=num_classes) / count
-  return {"count": count.tolist(), "deepnet_accuracy": base.tolist(),
-          "resmem_accuracy": res.tolist(), "gain": (res - base).tolist()}
+  present = count > 0
+  as_list = lambda x: [float(a) if ok else None for a, ok in zip(x, present)]
+  return {"count": count.tolist(), "deepnet_accuracy": as_list(base),
+          "resmem_accuracy": as_list(res), "gain": as_list(res - base)}
 
 
 def median_nn_distance(queries, keys) -> float:
@@ -308,11 +311,16 @@ def plot_sweep_heatmap(result, *, method: str = "resmem", temperature: float | N
 
 
 def summarize_size_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Mean and std (over seeds) of the DeepNet and ResMem test accuracies per size.
+  """Mean and sample std (ddof = 1, over seeds) of the test accuracies per size.
 
   Rows are grouped by their "size" label; a group's width, embed_dim and depth (when
-  the rows have them) are carried over. Sorted by parameter count.
+  the rows have them) are carried over. Sorted by parameter count. A size run with
+  one seed has std 0.
   """
+  def std(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1)) if values.size > 1 else 0.0
+
   sizes: dict[str, list] = {}
   for r in rows:
     sizes.setdefault(r["size"], []).append(r)
@@ -323,15 +331,14 @@ def summarize_size_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     out.append({"size": size, "params": group[0]["params"], "seeds": len(group),
                 **{key: group[0][key] for key in ("width", "embed_dim", "depth")
                    if key in group[0]},
-                "deepnet_mean": float(base.mean()), "deepnet_std": float(base.std()),
-                "resmem_mean": float(res.mean()), "resmem_std": float(res.std()),
-                "gain_mean": float((res - base).mean()),
-                "gain_std": float((res - base).std())})
+                "deepnet_mean": float(base.mean()), "deepnet_std": std(base),
+                "resmem_mean": float(res.mean()), "resmem_std": std(res),
+                "gain_mean": float((res - base).mean()), "gain_std": std(res - base)})
     for method in ("knn", "knn_lm"):
       accs = [g["baselines"][method] for g in group if method in g.get("baselines", {})]
       if accs:
         out[-1][f"{method}_mean"] = float(np.mean(accs))
-        out[-1][f"{method}_std"] = float(np.std(accs))
+        out[-1][f"{method}_std"] = std(accs)
   return sorted(out, key=lambda s: s["params"])
 
 
@@ -374,17 +381,25 @@ def format_size_sweep_table(rows: Sequence[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def _json_ready(x: Any) -> Any:
+  """`x` with NumPy values as Python ones and non-finite floats as None (null): NaN
+  and Infinity are not JSON, and strict parsers (JavaScript, jq) reject them."""
+  if isinstance(x, dict):
+    return {key: _json_ready(value) for key, value in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_ready(value) for value in x]
+  if isinstance(x, np.ndarray):
+    return _json_ready(x.tolist())
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
 def write_json(path: str, obj: Any) -> str:
-  """Writes `obj` as indented JSON (NumPy scalars and arrays converted)."""
-
-  def default(x):
-    if isinstance(x, np.ndarray):
-      return x.tolist()
-    if isinstance(x, np.generic):
-      return x.item()
-    raise TypeError(f"not JSON serializable: {type(x).__name__}")
-
+  """Writes `obj` as indented, strict JSON (NumPy converted, NaN and inf as null)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
-    json.dump(obj, f, indent=2, default=default)
+    json.dump(_json_ready(obj), f, indent=2, allow_nan=False)
   return path

@@ -112,14 +112,31 @@ def test_size_sweep_summary_over_seeds():
       "size": size, "params": params, "seed": seed, "deepnet_test_accuracy": base,
       "resmem_test_accuracy": res, "baselines": {"knn": res - 0.01, "knn_lm": base}}
   rows = [row("big", 100, 0, 0.9, 0.9), row("small", 10, 0, 0.5, 0.6),
-          row("small", 10, 1, 0.7, 0.7), row("big", 100, 1, 0.8, 0.9)]
-  small, big = analysis.summarize_size_sweep(rows)  # sorted by parameter count
+          row("small", 10, 1, 0.7, 0.7), row("big", 100, 1, 0.8, 0.9),
+          row("one seed", 1000, 0, 0.9, 0.95)]
+  small, big, single = analysis.summarize_size_sweep(rows)  # sorted by parameter count
   assert (small["size"], small["seeds"], big["size"]) == ("small", 2, "big")
   assert small["deepnet_mean"] == pytest.approx(0.6)
-  assert small["deepnet_std"] == pytest.approx(0.1)
+  assert small["deepnet_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))  # sample std
   assert small["gain_mean"] == pytest.approx(0.05)
   assert big["resmem_std"] == pytest.approx(0.0)
   assert big["knn_mean"] == pytest.approx(0.89)
+  assert single["deepnet_std"] == 0.0 and single["seeds"] == 1
+
+
+def test_per_class_gain_of_an_absent_class_is_null_in_strict_json(tmp_path):
+  labels = np.array([0, 0, 2])
+  gain = analysis.per_class_gain(labels, np.array([0, 1, 2]), np.array([0, 0, 1]), 3)
+  assert gain["count"] == [2, 0, 1]
+  assert gain["deepnet_accuracy"] == [0.5, None, 1.0]
+  assert gain["gain"] == [0.5, None, -1.0]
+  path = analysis.write_json(str(tmp_path / "a.json"),
+                             {"per_class": gain, "x": np.float32("nan"), "y": [np.inf, 1]})
+  text = open(path).read()
+  assert "NaN" not in text and "Infinity" not in text
+  loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+  assert loaded["x"] is None and loaded["y"] == [None, 1]
+  assert loaded["per_class"]["resmem_accuracy"] == [1.0, None, 0.0]
 
 
 def _tiny_sweep(seed=0):

@@ -1,11 +1,11 @@
 r"""ImageNet (ILSVRC 2012) with ResNet-18 or ResNet-50, then ResMem.
 
 TFDS `imagenet2012` through `tfds.data_source`; TFDS needs the two ILSVRC2012 tar
-files in `manual_dir` to prepare it once. Validation: 10000 training images
-(stratified, seed 0); test: the official 50000-image validation split. Images are
-decoded lazily per batch (shorter side resized to 256, centre 224 crop). The
-validation draw is seeded but not stratified (stratifying would decode every image
-for its label: TFDS cannot read a record without TensorFlow otherwise).
+files in `manual_dir` to prepare it once. Validation: 10000 training images, a
+seeded uniform draw (seed 0); test: the official 50000-image validation split. Images
+are decoded lazily per batch (shorter side resized to 256, centre 224 crop). The
+validation draw is not stratified (stratifying would decode every image for its
+label: TFDS cannot read a record without TensorFlow otherwise).
 
 Command (arg: "model=resnet18" or "model=resnet50"):
   python experiments/vision.py --workdir runs/imagenet_r18 \
