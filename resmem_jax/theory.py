@@ -199,8 +199,8 @@ def sample_inputs(key: Array, n: int, d: int, *, domain: str) -> Float[Array, "N
   return g / jnp.linalg.norm(g, axis=-1, keepdims=True)
 
 
-def constrained_least_squares(x: Float[Array, "N D"], y: Float[Array, "N"], radius
-                              ) -> Float[Array, "D"]:
+def constrained_least_squares(x: Float[Array, "N D"], y: Float[Array, "N"], radius,
+                              n_rows=None) -> Float[Array, "D"]:
   r"""argmin_{||theta|| <= radius} ||x theta - y||^2, exactly, through one SVD.
 
   KKT: either the (minimum-norm) least-squares solution is feasible, or the solution is
@@ -213,14 +213,25 @@ def constrained_least_squares(x: Float[Array, "N D"], y: Float[Array, "N"], radi
     x: (N, D) inputs.
     y: (N,) targets.
     radius: L >= 0 (may be traced).
+    n_rows: the number of data rows when the rows after them are zero padding (may be
+      traced); the rank tolerance eps * max(n_rows, D) * s_max is that of the data
+      alone, so a padded fit equals the unpadded one. Default: all rows.
 
   Returns:
     (D,) theta_hat.
+
+  Raises:
+    ValueError: a concrete radius that is negative or not finite.
   """
+  if not v.is_traced(radius):
+    value = np.asarray(radius)
+    if value.ndim or not (np.isfinite(value) and value >= 0):
+      raise ValueError(f"radius must be a finite number >= 0, got radius={radius!r}")
   u, s, vt = jnp.linalg.svd(x, full_matrices=False)
   c = jnp.dot(u.T, y, precision=HIGHEST)
   sc = s * c
-  tol = jnp.finfo(x.dtype).eps * max(x.shape) * s[0]
+  rows = x.shape[0] if n_rows is None else n_rows
+  tol = jnp.finfo(x.dtype).eps * jnp.maximum(rows, x.shape[1]) * s[0]
   coef_ls = jnp.where(s > tol, c / jnp.where(s > tol, s, 1.0), 0.0)
   r2 = radius**2
 
@@ -283,10 +294,11 @@ def simulate_trial(key: Array, *, n_grid: tuple[int, ...], n_test: int, d: int,
 
   def fit(n):
     # The first n rows, as a fixed shape: zero rows change neither the singular values
-    # and vectors of x nor U^T y, so this is least squares on those n points exactly.
+    # and vectors of x nor U^T y, and the rank tolerance is that of n rows, so this is
+    # least squares on those n points exactly.
     keep = jnp.arange(n_max) < n
     return constrained_least_squares(jnp.where(keep[:, None], x_train, 0.0),
-                                     jnp.where(keep, y_train, 0.0), radius)
+                                     jnp.where(keep, y_train, 0.0), radius, n_rows=n)
 
   theta_hat = jax.lax.map(fit, jnp.asarray(n_grid))  # one fit at a time: O(N D) memory
   return Trials(
@@ -418,6 +430,12 @@ class CurveSpec(NamedTuple):
   slope_fit_min_n: int | None
 
 
+def _check_non_negative(name: str, value) -> None:
+  if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value
+                                     and math.isfinite(value)):
+    raise ValueError(f"{name} must be a finite float >= 0, got {name}={value!r}")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError/TypeError naming the first bad setting."""
   v.check_int("seed", config.seed, low=0)
@@ -431,8 +449,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for d in tuple(config.risk_vs_n.dims) + tuple(config.risk_vs_capacity.dims) + (config.noise.d,):
     v.check_int("d", d, low=min_d)
   for name, grid in (("risk_vs_n.n", config.risk_vs_n.n), ("noise.n", config.noise.n)):
+    if not grid:
+      raise ValueError(f"{name} must hold at least one training-set size, got {name}={grid!r}")
     for n in grid:
       v.check_int(name, n, low=2)
+  for name in ("risk_vs_n.slope_fit_min_n", "noise.slope_fit_min_n"):
+    section, field = name.split(".")
+    v.check_int(name, config[section][field], low=2)
   v.check_int("risk_vs_capacity.n", config.risk_vs_capacity.n, low=2)
   for pair in config.risk_vs_n.max_n_by_d:
     if len(pair) != 2:
@@ -441,12 +464,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name, value in (("risk_vs_n.radius", config.risk_vs_n.radius),
                       ("noise.radius", config.noise.radius),
                       *(("risk_vs_capacity.radii", r) for r in config.risk_vs_capacity.radii)):
-    if not (isinstance(value, (int, float)) and 0 <= value and math.isfinite(value)):
-      raise ValueError(f"{name} must be a finite float >= 0, got {name}={value!r}")
+    _check_non_negative(name, value)
   for name, value in (("risk_vs_n.noise", config.risk_vs_n.noise),
                       ("noise.noise", config.noise.noise)):
-    if not (isinstance(value, (int, float)) and 0 <= value and math.isfinite(value)):
-      raise ValueError(f"{name} must be a finite float >= 0, got {name}={value!r}")
+    _check_non_negative(name, value)
   for name, value in (("risk_vs_n.sigma", config.risk_vs_n.sigma),
                       ("risk_vs_capacity.sigma", config.risk_vs_capacity.sigma),
                       ("noise.sigma", config.noise.sigma)):
@@ -661,9 +682,12 @@ def plot_risk_vs_n(results: dict[str, Any], path: str | None = None):
               label=f"ResMem (k={c['k']}), mean ± std over seeds")
     _band(ax, n, c["resmem_risk"], c["resmem_risk_std"], RESMEM_COLOR)
     if c["resmem_risk_theory"] is not None:
-      ax.loglog(n, c["resmem_risk_theory"], ":", color="black", lw=2.0,
-                label=r"ResMem theory $\frac{(\|\theta^*\|-L)^2}{d}\,E[D_n^2]$"
-                      r" (slope $\to -2/(d-1)$)")
+      label = (r"ResMem theory $\frac{(\|\theta^*\|-L)^2}{d}\,E[D_n^2]$"
+               r" (slope $\to -2/(d-1)$)")
+      if c["noise"] > 0:  # k = 1 memorizes the noise: the risk tends to sigma^2
+        label = (r"ResMem theory $\sigma_\varepsilon^2 + \frac{(\|\theta^*\|-L)^2}{d}"
+                 r"\,E[D_n^2]$")
+      ax.loglog(n, c["resmem_risk_theory"], ":", color="black", lw=2.0, label=label)
     title = f"d={c['d']} ({c['domain']}, intrinsic dim {c['d_eff']})"
     if c["resmem_slope_fit"] is not None:
       title += (f"\nResMem slope: fit {c['resmem_slope_fit']:.3f}"
@@ -676,8 +700,9 @@ def plot_risk_vs_n(results: dict[str, Any], path: str | None = None):
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="outside lower center", ncol=2 if len(axes) % 2 == 0 else 3,
              fontsize=8.5)
+  noise = "noiseless" if c["noise"] == 0 else rf"noise $\\sigma_\\varepsilon$={c['noise']:g}"
   fig.suptitle(f"ResMem on a norm-constrained linear model (L={c['L']:g}, "
-               f"$\\|\\theta^*\\|$={c['theta_norm']:g}, noiseless): {c['num_seeds']} seeds, "
+               f"$\\|\\theta^*\\|$={c['theta_norm']:g}, {noise}): {c['num_seeds']} seeds, "
                f"{c['n_test']} test points each", fontsize=10.5)
   return _save(fig, path)
 
@@ -734,7 +759,7 @@ def plot_noise(results: dict[str, Any], path: str | None = None):
       label += f", fit slope {c['resmem_slope_fit']:.3f} (theory {c['resmem_slope_theory']:.3f})"
     ax.loglog(n, c["resmem_risk"], "s-", color=color, ms=4, label=label)
     _band(ax, n, c["resmem_risk"], c["resmem_risk_std"], color)
-    if growing:
+    if growing and c["noise_floor"] is not None:  # None without noise
       ax.loglog(n, c["noise_floor"], "-.", color=color, lw=1.2,
                 label=r"variance term $\sigma_\varepsilon^2/k_n$")
     elif c["resmem_risk_theory"] is not None:

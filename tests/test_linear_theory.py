@@ -124,6 +124,33 @@ def test_constrained_least_squares_inactive_and_zero_radius():
   np.testing.assert_array_equal(zero, np.zeros(4, np.float32))
 
 
+def test_zero_padding_leaves_the_constrained_fit_unchanged():
+  """The nested fits pad the first n rows with zeros to the largest n: the rank
+  tolerance must be that of the n data rows, not of the padded matrix (a small but
+  real singular value was once cut at 10^5 padded rows, and the fit left optimal)."""
+  x = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0.02], [1, 1, 0]], np.float32)  # s ratio 0.012
+  y = np.array([0, 0, 0.04, 0], np.float32)  # least squares: (0, 0, 2), norm 2
+  want = np.array([0.0, 0.0, 1.5])  # the constrained optimum at L = 1.5
+  for pad in (0, 1000, 100_000):
+    xp = np.concatenate([x, np.zeros((pad, 3), np.float32)])
+    yp = np.concatenate([y, np.zeros(pad, np.float32)])
+    theta = theory.constrained_least_squares(jnp.asarray(xp), jnp.asarray(yp), 1.5, n_rows=4)
+    np.testing.assert_allclose(np.asarray(theta), want, atol=1e-5, err_msg=f"pad={pad}")
+  # Through the nested simulation: the fit at n = 4 must not depend on the largest n.
+  small, large = (theory.simulate_trials(theory.seed_keys(0, 2, d=4), n_grid=grid, n_test=10,
+                                         d=4, domain="sphere", theta_norm=1.0, noise=1.0,
+                                         radius=3.0).theta_hat[:, 0]
+                  for grid in ((4, 8), (4, 100_000)))
+  np.testing.assert_allclose(np.asarray(small), np.asarray(large), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("radius", [-1.0, float("nan"), float("inf")])
+def test_constrained_least_squares_rejects_a_bad_radius(radius):
+  x, y = jnp.ones((3, 2)), jnp.ones(3)
+  with pytest.raises(ValueError, match="radius"):
+    theory.constrained_least_squares(x, y, radius)
+
+
 def test_simulate_trials_fits_every_prefix_and_vmaps_over_seeds():
   n_grid = (10, 25, 60)
   trials = theory.simulate_trials(theory.seed_keys(0, 2, d=3), n_grid=n_grid, n_test=50,
@@ -211,6 +238,31 @@ def test_bad_config_raises_naming_the_setting():
   config.num_seeds = 1
   with pytest.raises(ValueError, match="num_seeds"):
     theory.plan(config)
+  for section, name, value, error in [("risk_vs_n", "slope_fit_min_n", None, TypeError),
+                                      ("noise", "slope_fit_min_n", 1, ValueError),
+                                      ("risk_vs_n", "n", (), ValueError),
+                                      ("noise", "noise", float("nan"), ValueError)]:
+    config = theory.get_config(quick=True)
+    config[section][name] = value
+    with pytest.raises(error, match=f"{section}.{name}"):
+      theory.plan(config)
+
+
+def test_plots_say_what_noise_was_used(tmp_path):
+  """Figure 1 names its noise (and the sigma^2 term of its theory line); figure 3
+  draws without a variance line when the noise is 0."""
+  config = theory.get_config()
+  config.num_seeds, config.n_test, config.figures = 2, 100, ("risk_vs_n", "noise")
+  config.risk_vs_n.dims, config.risk_vs_n.n, config.risk_vs_n.slope_fit_min_n = (2,), (20, 40), 20
+  config.noise.d, config.noise.n, config.noise.slope_fit_min_n = 2, (20, 40), 20
+  config.risk_vs_n.noise, config.noise.noise = 0.2, 0.0
+  results = theory.run(config)
+  fig = theory.plot_risk_vs_n(results)
+  assert "0.2" in fig._suptitle.get_text() and "noiseless" not in fig._suptitle.get_text()
+  labels = fig.axes[0].get_legend_handles_labels()[1]
+  assert any("sigma_" in label and "theory" in label for label in labels), labels
+  theory.plot_noise(results, str(tmp_path / "noise.png"))  # noise 0: no variance line
+  assert os.path.getsize(tmp_path / "noise.png") > 10_000
 
 
 def test_script_writes_json_and_all_figures(tmp_path, monkeypatch):
