@@ -156,12 +156,15 @@ def _tile_pairs(scores: Float[Array, "n bq"], chunk: int
   Scores become ordered int32 keys whose last log2(chunk) bits hold the row's position
   in its chunk, so all keys of a chunk differ and the position of m1 is `m1 & (chunk - 1)`.
   A pairwise tournament keeps (min, second min) with elementwise min/max only, which
-  vectorizes across the queries like a plain min. The ragged last chunk is padded with
-  the largest float, which stays below the NaN keys after tagging.
+  vectorizes across the queries like a plain min. Scores are clipped to the finite
+  floats (a tagged infinity would read as NaN), and the ragged last chunk is padded
+  with the largest one.
   """
+  largest = jnp.finfo(scores.dtype).max
+  scores = jnp.clip(scores, -largest, largest)
   pad = -scores.shape[0] % chunk
   if pad:
-    scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=jnp.finfo(scores.dtype).max)
+    scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=largest)
   tagged = _ordered(scores).reshape(-1, chunk, scores.shape[1])
   tagged = (tagged & ~(chunk - 1)) | jnp.arange(chunk, dtype=jnp.int32)[None, :, None]
   lows = [tagged[:, j] for j in range(chunk)]

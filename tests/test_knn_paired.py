@@ -69,6 +69,16 @@ def test_tile_pairs_are_the_two_smallest_tagged_scores(chunk):
   assert np.all(np.isfinite(value))
 
 
+def test_tile_pairs_of_infinite_scores_stay_finite():
+  """A tagged infinity would be a NaN pattern, which top_k would rank first."""
+  scores = jnp.asarray([[np.inf], [1.0], [-np.inf], [2.0], [np.inf], [np.inf]], jnp.float32)
+  first, second = xla._tile_pairs(scores, 4)
+  values = np.asarray(xla._from_ordered(jnp.concatenate([first, second])))
+  assert np.all(np.isfinite(values))
+  np.testing.assert_array_equal(np.asarray(first)[:, 0] & 3, [2, 0])  # -inf, then +inf
+  assert values[0, 0] < -1e38 and values[2, 0] == pytest.approx(1.0)
+
+
 def test_pairs_need_a_power_of_two_chunk_up_to_64():
   for chunk in (0, 3, 12, 128):
     with pytest.raises(ValueError, match="pairs needs chunk"):
