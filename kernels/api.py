@@ -17,8 +17,7 @@ from resmem_jax.kernels import sharded
 from resmem_jax.kernels.base import BlockSizes, KnnResult
 from resmem_jax.kernels.direct import knn_direct
 from resmem_jax.kernels.reference import knn_reference
-from resmem_jax.kernels import xla
-from resmem_jax.kernels.xla import knn_xla
+from resmem_jax.kernels.xla import PACKED_ULPS, knn_xla
 
 HIGHEST = jax.lax.Precision.HIGHEST
 METRICS = ("l2", "ip")
@@ -216,7 +215,7 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
     return unscale(distances[:, :k]), indices[:, :k], jnp.ones(queries.shape[0], bool)
   # The XLA path's paired minima tag its ranking scores, moving them by up to
   # PACKED_ULPS units in the last place (kernels/xla.py): twice that joins the bound.
-  tagged_ulps = xla.PACKED_ULPS if implementation == "xla" else 0
+  tagged_ulps = PACKED_ULPS if implementation == "xla" else 0
   gamma = (4.0 * (dim + 2) / 2 + 2.0 * tagged_ulps) * float(jnp.finfo(scores.dtype).eps)
   radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)

@@ -89,6 +89,13 @@ def check_positive(name: str, value) -> None:
     raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
 
 
+def check_non_negative(name: str, value) -> None:
+  """A finite real number >= 0 (not a bool), else ValueError naming it."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+      or not (np.isfinite(value) and value >= 0):
+    raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
+
+
 def concrete_scalar(value):
   """A concrete 0-d NumPy or JAX array (e.g. `jnp.int32(5)`) as a Python scalar; any
   other value as it is."""

@@ -430,12 +430,6 @@ class CurveSpec(NamedTuple):
   slope_fit_min_n: int | None
 
 
-def _check_non_negative(name: str, value) -> None:
-  if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value
-                                     and math.isfinite(value)):
-    raise ValueError(f"{name} must be a finite float >= 0, got {name}={value!r}")
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError/TypeError naming the first bad setting."""
   v.check_int("seed", config.seed, low=0)
@@ -464,10 +458,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name, value in (("risk_vs_n.radius", config.risk_vs_n.radius),
                       ("noise.radius", config.noise.radius),
                       *(("risk_vs_capacity.radii", r) for r in config.risk_vs_capacity.radii)):
-    _check_non_negative(name, value)
+    v.check_non_negative(name, value)
   for name, value in (("risk_vs_n.noise", config.risk_vs_n.noise),
                       ("noise.noise", config.noise.noise)):
-    _check_non_negative(name, value)
+    v.check_non_negative(name, value)
   for name, value in (("risk_vs_n.sigma", config.risk_vs_n.sigma),
                       ("risk_vs_capacity.sigma", config.risk_vs_capacity.sigma),
                       ("noise.sigma", config.noise.sigma)):

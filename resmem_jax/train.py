@@ -211,10 +211,7 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
     v.check_int("max_train", config.max_train, low=1)
   v.check_positive("learning_rate", config.learning_rate)
   for name in ("warmup_epochs", "weight_decay", "momentum"):
-    value = config.get(name, 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        np.isfinite(value) and value >= 0):
-      raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}")
+    v.check_non_negative(name, config.get(name, 0.0))
   if config.get("momentum", 0.0) >= 1:
     raise ValueError(f"momentum must be < 1, got momentum={config.momentum!r}")
   for name, value in dict(config.get("model_kwargs") or {}).items():
@@ -247,9 +244,8 @@ def _check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: b
   if resuming and os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
-    changed = sorted(set(recorded) | set(settings),
-                     key=lambda name: (name not in settings, name))
-    changed = [name for name in changed if recorded.get(name) != settings.get(name)]
+    changed = sorted(name for name in set(recorded) | set(settings)
+                     if recorded.get(name) != settings.get(name))
     if changed:
       details = ", ".join(f"{name}: {recorded.get(name)!r} -> {settings.get(name)!r}"
                           for name in changed)

@@ -74,13 +74,18 @@ def test_one_step_on_embedded_digits(tmp_path):
   _check_results(str(tmp_path), results, 10)
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+def _mnist_tiny(num_epochs=1, max_train=200):
   config = configs.get_config("mnist", "quick")
   config.progress = False
-  config.num_epochs = 3
-  config.max_train = 300
+  config.num_epochs = num_epochs
+  config.max_train = max_train
   config.batch_size = 100
   config.analysis.num_examples = 0
+  return config
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+  config = _mnist_tiny(num_epochs=3, max_train=300)
   splits = train.load_splits(config)
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"), splits=splits)
 
@@ -106,16 +111,6 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
   assert drop_time(resumed["final_epoch"]) == drop_time(straight["final_epoch"])
   lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
   assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
-
-
-def _mnist_tiny():
-  config = configs.get_config("mnist", "quick")
-  config.progress = False
-  config.num_epochs = 1
-  config.max_train = 200
-  config.batch_size = 100
-  config.analysis.num_examples = 0
-  return config
 
 
 def test_a_workdir_resumes_only_its_own_run(tmp_path):
