@@ -65,12 +65,13 @@ def _platform() -> str:
   return jax.default_backend()
 
 
-def default_implementation(n_queries: int, n_keys: int, k: int, dim: int, dtype) -> str:
+def default_implementation(n_queries: int, n_keys: int, k: int, dim: int, dtype,
+                           metric: str = "l2") -> str:
   """The best registered implementation for the default backend and this problem."""
   platform = _platform()
   if (platform in ("gpu", "tpu") and platform not in _PALLAS_FAILED and _pallas_knn is not None
-      and _pallas_knn.is_supported(k=n_candidates(k, n_keys, "l2"), dim=dim, dtype=dtype,
-                                   platform=platform)):
+      and _pallas_knn.is_supported(k=n_candidates(k, n_keys, metric), dim=dim, dtype=dtype,
+                                   platform=platform, metric=metric)):
     return "pallas"
   if n_queries * n_keys <= REFERENCE_MAX_PAIRS:
     return "reference"
@@ -152,6 +153,17 @@ def n_candidates(k: int, n: int, metric: str) -> int:
   return min(n, k + candidate_margin(k))
 
 
+def _tags_scores(implementation: str, k: int, metric: str, block_sizes: BlockSizes | None
+                 ) -> bool:
+  """Whether `implementation` may rank by position-tagged scores (paired minima)."""
+  if implementation == "xla":
+    return True
+  if implementation == "pallas":
+    backend = _pallas_knn.backend_for(_platform())
+    return _pallas_knn.uses_pairs(backend, k, metric, block_sizes)
+  return False
+
+
 def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
                      mean: Float[Array, "1 D"], k: int, *, metric: str, implementation: str,
                      block_sizes: BlockSizes | None, width: int | None = None, scale=1.0
@@ -164,12 +176,12 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   4 (D + 2) eps/2 (twice the textbook dot-product bound, as the pruning pass and the
   final selection may round differently). Every key left out has s >= s_m, the
   m-th candidate's score, so its true squared distance is at least
-  s_m + ||q_c||^2 - E(q). (The XLA path's ranking scores carry a position tag of up to
-  64 units in the last place; gamma grows by 2 * 64 eps for it.) The candidates are
-  re-scored directly as ||q - x||; if the k-th of them is below that bound, the k
-  nearest are proven exact (certified). The certificate fails only where the data are
-  dense next to their norms (many keys within E of the k-th distance); `knn`
-  recomputes those rows with "direct".
+  s_m + ||q_c||^2 - E(q). (The XLA path's ranking scores, and the GPU pairs kernel's,
+  carry a position tag of up to 64 units in the last place; gamma grows by 2 * 64 eps
+  for them.) The candidates are re-scored directly as ||q - x||; if the k-th of them
+  is below that bound, the k nearest are proven exact (certified). The certificate
+  fails only where the data are dense next to their norms (many keys within E of the
+  k-th distance); `knn` recomputes those rows with "direct".
 
   The inner-product metric needs no gap certificate: its ranking score is its
   distance, with the same float32 rounding as the result. For both metrics the one
@@ -213,9 +225,10 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
     return d if metric == "l2" else jax.lax.optimization_barrier(d) / scale
   if implementation == "direct":
     return unscale(distances[:, :k]), indices[:, :k], jnp.ones(queries.shape[0], bool)
-  # The XLA path's paired minima tag its ranking scores, moving them by up to
-  # PACKED_ULPS units in the last place (kernels/xla.py): twice that joins the bound.
-  tagged_ulps = PACKED_ULPS if implementation == "xla" else 0
+  # Paired minima (the XLA path's, the GPU kernel's) tag the ranking scores, moving
+  # them by up to PACKED_ULPS units in the last place (kernels/xla.py): twice that
+  # joins the bound.
+  tagged_ulps = PACKED_ULPS if _tags_scores(implementation, n_cand, metric, block_sizes) else 0
   gamma = (4.0 * (dim + 2) / 2 + 2.0 * tagged_ulps) * float(jnp.finfo(scores.dtype).eps)
   radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)
@@ -371,7 +384,7 @@ def _default_kernel_or_xla(search: Callable, *arrays):
 
 def _check_pallas_k(k: int, n_keys: int, metric: str) -> None:
   """The kernel's running top-k holds k plus the certificate's margin: say so in k."""
-  limit = _pallas_knn.GPU_MAX_K if _platform() == "gpu" else _pallas_knn.MAX_K
+  limit = _pallas_knn.max_k(_pallas_knn.backend_for(_platform()), metric)
   need = n_candidates(k, n_keys, metric)
   if need > limit:
     largest = max(j for j in range(1, limit + 1) if n_candidates(j, n_keys, metric) <= limit)
@@ -482,7 +495,7 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     raise TypeError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
   chosen = implementation is None
   if chosen:
-    implementation = default_implementation(n_q, n_keys, k, dim, queries.dtype)
+    implementation = default_implementation(n_q, n_keys, k, dim, queries.dtype, metric)
   v.check_choice("implementation", implementation, KNOWN_IMPLEMENTATIONS)
   if implementation not in IMPLEMENTATIONS:
     available = ", ".join(repr(name) for name in IMPLEMENTATIONS)

@@ -1,7 +1,7 @@
 """Accelerator benchmark of the exact kNN: the Pallas kernel against the XLA path and torch.
 
     python -m resmem_jax.kernels.bench_gpu --out gpu_bench.json      # C1, C2, C3, G4
-    python -m resmem_jax.kernels.bench_gpu --tiles 32x32,64x64,16x128 # also Pallas tiles
+    python -m resmem_jax.kernels.bench_gpu --tiles 32x32,64x128p     # also Pallas tiles
     python -m resmem_jax.kernels.bench_gpu --quick                    # tiny shapes (on CPU
                                                                       # the kernel is interpreted)
 
@@ -12,18 +12,20 @@ device, on the same data, so the ratios between methods are measured side by sid
 Methods:
   pallas       `resmem_jax.knn(..., implementation="pallas")`: the public op (validation,
                centring, the kernel, exact re-scoring, certificate), default tiles;
-  pallas BQxBN the same with `BlockSizes(block_q=BQ, block_n=BN)` (`--tiles`);
+  pallas BQxBN the same with `BlockSizes(block_q=BQ, block_n=BN)` (`--tiles`); BQxBNp
+               with the GPU pairs kernel (chunk pairs, chunk 16) also at k <= 32;
   pallas-raw   the kernel alone (`pallas_knn.knn_pallas`, jitted) on centred inputs: its
                own throughput, without the wrapper;
   xla          `resmem_jax.knn(..., implementation="xla")`, the blocked XLA search;
   torch        `torch.cdist` + `torch.topk(largest=False)` in float32 with TF32 off (the
                same precision as ours), in blocks of `--torch-block` queries (G4's whole
                (Q, N) matrix would be 40 GB). Only where torch sees the device.
-Where the kernel does not support a config (the Triton kernel keeps k + margin <= 32
-candidates in registers, so not C2), its rows say so instead of a time. A method that
-raises (say, a kernel that does not compile with this jax) gets a row with its error, its
-traceback goes to stderr, and the run goes on; the JSON is rewritten after every config,
-so a run cut short keeps what it measured; the exit status is 1 if any method failed.
+On GPU, k + margin <= 32 runs the Triton rounds kernel and larger k (C2) the Triton
+pairs kernel (l2). Where the kernel does not support a config, its rows say so instead
+of a time. A method that raises (say, a kernel that does not compile with this jax)
+gets a row with its error, its traceback goes to stderr, and the run goes on; the JSON
+is rewritten after every config, so a run cut short keeps what it measured; the exit
+status is 1 if any method failed.
 
 Columns:
   seconds     best of `--repeats` calls after one warm-up call (compilation), the device
@@ -176,20 +178,30 @@ def pallas_support(config: Config, backend: str) -> str | None:
     return None if m <= pallas_knn.MAX_K else f"k + margin = {m} > MAX_K = {pallas_knn.MAX_K}"
   if pallas_knn.is_supported(k=m, dim=config.d, dtype=jnp.float32, platform=backend):
     return None
-  limit = pallas_knn.GPU_MAX_K if backend == "gpu" else pallas_knn.MAX_K
-  return f"k + margin = {m}, d = {config.d}: beyond the {backend} kernel (k <= {limit})"
+  limit = pallas_knn.max_k(pallas_knn.backend_for(backend), "l2")
+  return (f"k + margin = {m}, d = {config.d}: beyond the {backend} kernel "
+          f"(k <= {limit}, d <= {pallas_knn.GPU_MAX_DIM if backend == 'gpu' else pallas_knn.TPU_MAX_DIM})")
 
 
 def parse_tiles(text: str) -> list[BlockSizes]:
+  """"BQxBN" entries, comma-separated; a trailing "p" asks for the GPU pairs kernel
+  (chunk pairs, chunk 16) at any k, e.g. "64x128p"."""
   tiles = []
   for item in filter(None, (part.strip() for part in text.split(","))):
+    spec = item.lower()
+    pairs = spec.endswith("p")
     try:
-      block_q, block_n = (int(v) for v in item.lower().split("x"))
-      tiles.append(BlockSizes(block_q=block_q, block_n=block_n, chunk=0))
+      block_q, block_n = (int(v) for v in spec.removesuffix("p").split("x"))
+      tiles.append(BlockSizes(block_q=block_q, block_n=block_n,
+                              chunk=pallas_knn.PAIRS_CHUNK if pairs else 0, pairs=pairs))
     except ValueError as err:
-      raise ValueError(f"--tiles entry {item!r} must be BQxBN with positive ints "
-                       f"({err})") from None
+      raise ValueError(f"--tiles entry {item!r} must be BQxBN or BQxBNp with positive "
+                       f"ints ({err})") from None
   return tiles
+
+
+def tile_name(tiles: BlockSizes) -> str:
+  return f"pallas {tiles.block_q}x{tiles.block_n}{'p' if tiles.pairs else ''}"
 
 
 def methods_for(config: Config, backend: str, tiles: list[BlockSizes], torch_dev,
@@ -198,8 +210,7 @@ def methods_for(config: Config, backend: str, tiles: list[BlockSizes], torch_dev
   methods, skipped = {}, {}
   reason = pallas_support(config, backend)
   pallas = {"pallas": jax_method("pallas"), "pallas-raw": pallas_raw_method}
-  pallas.update({f"pallas {t.block_q}x{t.block_n}": jax_method("pallas", block_sizes=t)
-                 for t in tiles})
+  pallas.update({tile_name(t): jax_method("pallas", block_sizes=t) for t in tiles})
   if reason is None:
     methods.update(pallas)
   else:
@@ -335,7 +346,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   bench.add_common_arguments(parser, CONFIGS, quick_help="tiny shapes (plumbing)",
                              out="gpu_bench.json")
-  parser.add_argument("--tiles", default="", help="extra Pallas tiles, e.g. 32x32,64x64")
+  parser.add_argument("--tiles", default="", help="extra Pallas tiles, e.g. 32x32,64x128p "
+                      "(p: the GPU pairs kernel)")
   parser.add_argument("--torch-block", type=int, default=2048,
                       help="queries per torch.cdist call")
   args = parser.parse_args(argv)

@@ -51,14 +51,24 @@ Backends:
   `pltriton.CompilerParams`. Triton has no scratch memory and no sequential
   grid axis, so the grid runs over query tiles and a `fori_loop` walks the key tiles
   with the running top-k in registers; only the rounds selection is used (the
-  binned registers would spill). If a jax without `jax.experimental.pallas.triton`
-  is installed, `is_supported(platform="gpu")` is False and `knn` falls back to XLA.
+  binned registers would spill), so this kernel stops at k = GPU_MAX_K. For l2
+  beyond it (or when `BlockSizes.pairs` asks), a second Triton kernel computes the
+  XLA path's paired chunk minima on chip (`kernels/xla.py`): a fully parallel
+  (query tiles, key tiles) grid, each program a GEMM tile (the dot in slices of
+  PAIRS_DIM_STEP columns) whose epilogue reduces every chunk of PAIRS_CHUNK keys to
+  its smallest position-tagged score and its second smallest, two int32 words where
+  the XLA path would write PAIRS_CHUNK scores to memory. The selection from them
+  (`xla.paired_select`: the k chunks, the winners read off their tagged minima, the
+  few crowded chunks searched key by key, an exact fallback) runs in XLA. If a jax
+  without `jax.experimental.pallas.triton` is installed, `is_supported(platform="gpu")`
+  is False and `knn` falls back to XLA.
 * CPU: `implementation="pallas"` runs the TPU kernel in interpret mode (slow by
   design; for tests). `is_supported` is False on CPU, so it is never the default.
 
 What was run: every path in interpret mode on CPU (the TPU kernel under both the
 generic interpreter and the TPU interpreter `pltpu.InterpretParams`, and the Triton
-kernel body under the generic interpreter), and `jax.export` lowering to Mosaic TPU
+kernel bodies under the generic interpreter, the pairs kernel also through the whole
+public wrapper's contract suite), and `jax.export` lowering to Mosaic TPU
 and to Triton IR on CPU (every primitive has a lowering rule; block shapes pass the
 lowering checks), see tests/test_knn_pallas.py; the whole test suite passed with jax
 0.10.2 (Python 3.11) and 0.12.0.1 (Python 3.12). Nothing was compiled or run on a TPU
@@ -79,6 +89,7 @@ from jaxtyping import Array, Float, Int
 from jax.experimental import pallas as pl
 
 from resmem_jax.kernels.base import BlockSizes
+from resmem_jax.kernels import xla
 from resmem_jax.kernels.xla import knn_xla
 
 try:  # Mosaic TPU: pure Python in jax, but keep a missing piece from breaking the import.
@@ -95,7 +106,10 @@ LANES = 128
 SUBLANES = 8
 SMALL_K_MAX = 32  # rounds selection up to here, binned selection above
 MAX_K = 256  # the binned registers, m * 128 lanes per row, must stay small in VMEM
-GPU_MAX_K = 32  # Triton keeps the running top-k in registers
+GPU_MAX_K = 32  # Triton keeps the running top-k in registers (the rounds kernel)
+PAIRS_CHUNK = 16  # keys per chunk of the GPU pairs kernel (l2, k > GPU_MAX_K)
+PAIRS_BYTES = 1 << 30  # chunk pairs held at once by the GPU pairs path
+PAIRS_DIM_STEP = 32  # columns per step of the pairs kernel's dot
 TPU_MAX_DIM = 4096  # a (block_n, D) f32 key tile, double-buffered, must fit in VMEM
 GPU_MAX_DIM = 256  # a (block_n, D) key tile lives in registers
 _INT_MAX = np.iinfo(np.int32).max
@@ -110,10 +124,11 @@ def default_block_sizes(platform: str, k: int, dim: int) -> BlockSizes:
   small enough for the score tile and both operand tiles to sit in registers. CPU
   (interpret mode): few, large grid steps, since each step is interpreted.
   """
-  del k
   if platform == "tpu":
     block_n = max(LANES, min(512, (1 << 19) // max(dim, 1) // LANES * LANES))
     return BlockSizes(block_q=128, block_n=block_n, chunk=0)
+  if platform == "gpu" and k > GPU_MAX_K:  # the pairs kernel (l2)
+    return BlockSizes(block_q=64, block_n=128, chunk=PAIRS_CHUNK, pairs=True)
   if platform == "gpu":
     if dim <= 64:
       return BlockSizes(block_q=64, block_n=64, chunk=0)
@@ -121,7 +136,30 @@ def default_block_sizes(platform: str, k: int, dim: int) -> BlockSizes:
   return BlockSizes(block_q=64, block_n=512, chunk=0)
 
 
-def is_supported(*, k: int, dim: int, dtype, platform: str) -> bool:
+def backend_for(platform: str) -> str:
+  """The kernel that `knn_pallas` runs on `platform`: "triton" on GPU, else "tpu"
+  (interpreted on CPU)."""
+  return "triton" if platform == "gpu" else "tpu"
+
+
+def max_k(backend: str, metric: str) -> int:
+  """The largest k the kernel takes: the Triton rounds kernel keeps GPU_MAX_K slots in
+  registers; l2 goes beyond through the pairs kernel."""
+  if backend == "triton" and metric != "l2":
+    return GPU_MAX_K
+  return MAX_K
+
+
+def uses_pairs(backend: str, k: int, metric: str, block_sizes: BlockSizes | None) -> bool:
+  """Whether the search runs the GPU pairs kernel, whose ranking scores carry a
+  position tag of under PAIRS_CHUNK units in the last place (`xla.PACKED_ULPS` bounds
+  it; the certificate in `api.search_certified` allows for it)."""
+  if backend != "triton" or metric != "l2":
+    return False
+  return k > GPU_MAX_K or (block_sizes is not None and block_sizes.pairs)
+
+
+def is_supported(*, k: int, dim: int, dtype, platform: str, metric: str = "l2") -> bool:
   """Whether the compiled kernel handles this problem on `platform` ("tpu" or "gpu").
 
   Inputs are searched in float32 (bfloat16/float16 are promoted, float64 is not
@@ -134,7 +172,7 @@ def is_supported(*, k: int, dim: int, dtype, platform: str) -> bool:
   if platform == "tpu":
     return pltpu is not None and k <= MAX_K and dim <= TPU_MAX_DIM
   if platform == "gpu":
-    return pltriton is not None and k <= GPU_MAX_K and dim <= GPU_MAX_DIM
+    return pltriton is not None and k <= max_k("triton", metric) and dim <= GPU_MAX_DIM
   return False
 
 
@@ -439,6 +477,107 @@ def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, int
   return out[:n_q, :k], out_idx[:n_q, :k]
 
 
+def _triton_pairs_kernel(q_ref, x_ref, x_sq_ref, first_ref, second_ref, *, n: int,
+                         dim: int, chunk: int):
+  """One (key tile, query tile) block of chunk pairs: GEMM-shaped, no loop, no state.
+
+  Keys-major like `xla._tile_pairs`: the (block_n, block_q) score tile is cut into
+  chunks of `chunk` rows, and each chunk gives its smallest tagged score and its second
+  smallest (the tags make a chunk's scores distinct, so the second is the minimum of
+  what is not the first). Rows past the last key score the largest float, as in XLA.
+  """
+  block_q, dim_p = q_ref.shape
+  block_n = first_ref.shape[0] * chunk
+  start = pl.program_id(1) * block_n
+  rows = lax.broadcasted_iota(jnp.int32, (block_n, 1), 0)
+  valid = start + rows < n
+  # The dot in slices of `step` columns, as a matmul kernel does: the operand slices
+  # stay small in registers and the loop's loads can be pipelined.
+  step = min(dim_p, PAIRS_DIM_STEP)
+
+  def accumulate(s, dots):
+    cols = pl.ds(s * step, step)
+    dim_mask = s * step + lax.broadcasted_iota(jnp.int32, (1, step), 1) < dim
+    q = pltriton.load(q_ref.at[:, cols], mask=dim_mask, other=0.0)
+    x = pltriton.load(x_ref.at[pl.ds(start, block_n), cols], mask=valid & dim_mask,
+                      other=0.0)
+    return dots + lax.dot_general(x, q, _NT, precision=HIGHEST,
+                                  preferred_element_type=jnp.float32)
+
+  dots = lax.fori_loop(0, dim_p // step, accumulate,
+                       jnp.zeros((block_n, block_q), jnp.float32))
+  x_sq = pltriton.load(x_sq_ref.at[pl.ds(start, block_n), :], mask=valid, other=0.0)
+  largest = float(jnp.finfo(jnp.float32).max)
+  scores = jnp.where(valid, jnp.clip(x_sq - 2.0 * dots, -largest, largest), largest)
+  tagged = (xla.ordered(scores) & ~(chunk - 1)) | (rows & (chunk - 1))
+  tagged = tagged.reshape(block_n // chunk, chunk, block_q)
+  first = jnp.min(tagged, axis=1)
+  first_ref[...] = first
+  second_ref[...] = jnp.min(jnp.where(tagged == first[:, None, :], _INT_MAX, tagged), axis=1)
+
+
+def triton_chunk_pairs(queries, keys, x_sq, *, chunk: int, block_q: int, block_n: int,
+                       interpret) -> tuple[jax.Array, jax.Array]:
+  """Every chunk's tagged minimum and second score, (ceil(N / chunk), Q) int32 each,
+  keys-major as `xla._chunk_pairs` gives them; Q a multiple of `block_q`, `x_sq` the
+  (N, 1) squared key norms, `block_q` and `block_n` powers of two, `block_n` a multiple
+  of `chunk`."""
+  n_q = queries.shape[0]
+  n, dim = keys.shape
+  dim_p = max(16, pl.next_power_of_2(dim))
+  n_key_tiles = pl.cdiv(n, block_n)
+  pair_spec = pl.BlockSpec((block_n // chunk, block_q), lambda i, j: (j, i))
+  first, second = pl.pallas_call(
+      functools.partial(_triton_pairs_kernel, n=n, dim=dim, chunk=chunk),
+      grid=(n_q // block_q, n_key_tiles),
+      in_specs=[
+          pl.BlockSpec((block_q, dim_p), lambda i, j: (i, 0)),
+          pl.BlockSpec((n, dim_p), lambda i, j: (0, 0)),
+          pl.BlockSpec((n, 1), lambda i, j: (0, 0)),
+      ],
+      out_specs=[pair_spec, pair_spec],
+      out_shape=[jax.ShapeDtypeStruct((n_key_tiles * block_n // chunk, n_q), jnp.int32)] * 2,
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="knn_pallas_triton_pairs",
+  )(queries, keys, x_sq)
+  n_chunks = pl.cdiv(n, chunk)  # whole tiles of padding rows are no chunks
+  return first[:n_chunks], second[:n_chunks]
+
+
+def _knn_triton_pairs(queries, keys, k: int, block_sizes: BlockSizes, interpret):
+  """l2 at any k <= MAX_K on the GPU: chunk pairs on chip, the selection in XLA.
+
+  The kernel is a fully parallel (query tiles, key tiles) grid that writes, per chunk
+  of `chunk` keys, two int32 words instead of `chunk` scores; `xla.paired_select`
+  then picks the k chunks, reads the winners off their tagged minima, and searches
+  only the few crowded chunks key by key (the exact step of the XLA path where more
+  than `xla.PAIR_SLOTS` are crowded). Queries go in blocks whose pairs stay under
+  `PAIRS_BYTES`.
+  """
+  n_q, dim = queries.shape
+  n = keys.shape[0]
+  chunk = block_sizes.chunk if block_sizes.pairs else PAIRS_CHUNK
+  if k * chunk >= n:  # too few keys for chunks to prune anything
+    return knn_xla(queries, keys, k, metric="l2")
+  block_q = max(16, pl.next_power_of_2(min(block_sizes.block_q, n_q)))
+  block_n = max(16, chunk, pl.next_power_of_2(min(block_sizes.block_n, n)))
+  x_sq = jnp.sum(keys * keys, axis=1)[:, None]
+  # Queries per block: a whole number of query tiles whose pairs fit in PAIRS_BYTES.
+  per_tile = pl.cdiv(n, block_n) * block_n // chunk * block_q * 8
+  block = block_q * max(1, min(pl.cdiv(n_q, block_q), PAIRS_BYTES // per_tile))
+  n_blocks = pl.cdiv(n_q, block)
+
+  def one_block(q):
+    first, second = triton_chunk_pairs(q, keys, x_sq, chunk=chunk, block_q=block_q,
+                                       block_n=block_n, interpret=interpret)
+    return xla.paired_select(q, keys, x_sq[:, 0], first, second, k, chunk)
+
+  queries = _pad_rows(queries, n_blocks * block)
+  best, best_idx = lax.map(one_block, queries.reshape(n_blocks, block, dim))
+  return best.reshape(-1, k)[:n_q], best_idx.reshape(-1, k)[:n_q]
+
+
 # --------------------------------------------------------------------------------------
 # Entry point (registered in kernels/api.py as implementation "pallas").
 
@@ -471,22 +610,24 @@ def knn_pallas(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, 
   """
   platform = jax.default_backend()
   if backend is None:
-    backend = "triton" if platform == "gpu" else "tpu"
+    backend = backend_for(platform)
   if interpret is None:
     interpret = platform == "cpu"
   dtype = jnp.promote_types(queries.dtype, jnp.float32)
   if dtype != jnp.float32:
     raise ValueError(f"the Pallas kNN kernel searches float32, got dtype={dtype}; "
                      "use implementation='xla' for float64")
-  max_k = GPU_MAX_K if backend == "triton" else MAX_K
-  if not 1 <= k <= max_k:
-    raise ValueError(f"{k=} must be in [1, {max_k}] for the Pallas kNN kernel "
-                     f"({backend=}); use implementation='xla'")
+  largest_k = max_k(backend, metric)
+  if not 1 <= k <= largest_k:
+    raise ValueError(f"{k=} must be in [1, {largest_k}] for the Pallas kNN kernel "
+                     f"({backend=}, {metric=}); use implementation='xla'")
   queries = queries.astype(jnp.float32)
   keys = keys.astype(jnp.float32)
   if block_sizes is None:
     block_sizes = default_block_sizes("gpu" if backend == "triton" else platform, k,
                                       queries.shape[1])
+  if uses_pairs(backend, k, metric, block_sizes):
+    return _knn_triton_pairs(queries, keys, k, block_sizes, interpret)
   if backend == "triton":
     return _knn_triton(queries, keys, k, metric, block_sizes, interpret)
   outs = _knn_tpu(queries, keys, k, metric, block_sizes, interpret)

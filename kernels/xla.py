@@ -31,7 +31,7 @@ are exactly the k tagged minima: no key is gathered. A chosen chunk with m2 <= t
 winner: its keys are gathered and scored as in step 3, up to `PAIR_SLOTS` chunks per
 query. A query tile with a query that has more such chunks runs the unpaired step 3.
 
-The tag: scores are mapped to int32 keys with the same order (`_ordered`); the last
+The tag: scores are mapped to int32 keys with the same order (`ordered`); the last
 log2(chunk) bits of a key are replaced by the key's position in its chunk, so one
 elementwise min gives the minimum and where it is. A tagged score differs from the
 score by less than chunk units in the last place, at most `PACKED_ULPS`; the
@@ -139,13 +139,13 @@ def _flip(bits: Int[Array, "..."]) -> Int[Array, "..."]:
   return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-def _ordered(scores: Float[Array, "..."]) -> Int[Array, "..."]:
+def ordered(scores: Float[Array, "..."]) -> Int[Array, "..."]:
   """float32 -> int32 keys with the same order."""
   return _flip(jax.lax.bitcast_convert_type(scores, jnp.int32))
 
 
-def _from_ordered(keys: Int[Array, "..."]) -> Float[Array, "..."]:
-  """The inverse of `_ordered`."""
+def from_ordered(keys: Int[Array, "..."]) -> Float[Array, "..."]:
+  """The inverse of `ordered`."""
   return jax.lax.bitcast_convert_type(_flip(keys), jnp.float32)
 
 
@@ -165,7 +165,7 @@ def _tile_pairs(scores: Float[Array, "n bq"], chunk: int
   pad = -scores.shape[0] % chunk
   if pad:
     scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=largest)
-  tagged = _ordered(scores).reshape(-1, chunk, scores.shape[1])
+  tagged = ordered(scores).reshape(-1, chunk, scores.shape[1])
   tagged = (tagged & ~(chunk - 1)) | jnp.arange(chunk, dtype=jnp.int32)[None, :, None]
   lows = [tagged[:, j] for j in range(chunk)]
   highs = [None] * chunk
@@ -289,14 +289,18 @@ def _exact_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
   return best.reshape(bq, k), best_idx.reshape(bq, k)
 
 
-def _paired_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
-                 k: int, block_n: int, chunk: int
-                 ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
-  """Steps 1-3 with paired minima (module docstring)."""
+def paired_select(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
+                  first: Int[Array, "G bq"], second: Int[Array, "G bq"], k: int, chunk: int
+                  ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  """Steps 2-3 with paired minima (module docstring), from every chunk's tagged minimum
+  `first` and second score `second` (`_tile_pairs`; G = ceil(N / chunk), keys-major).
+
+  Also the selection step of the Pallas GPU kernel for large k (kernels/pallas_knn.py),
+  which computes the pairs on chip.
+  """
   n = keys.shape[0]
   bq = q.shape[0]
-  first, second = _chunk_pairs(q, keys, key_sq, block_n, chunk)
-  chunk_ids = _select_chunks(_from_ordered(first), k)  # (bq, k)
+  chunk_ids = _select_chunks(from_ordered(first), k)  # (bq, k)
   rows = jnp.arange(bq)[:, None]
   low = first[chunk_ids, rows]
   tau = jnp.max(low, axis=1, keepdims=True)
@@ -314,7 +318,7 @@ def _paired_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Flo
   dots = jnp.einsum("qd,qmd->qm", q, jnp.take(keys, cols, axis=0), precision=HIGHEST)
   member_scores = jnp.where(valid, jnp.take(key_sq, cols) - 2.0 * dots, jnp.inf)
   # Every other chosen chunk contributes its tagged minimum alone.
-  low_scores = jnp.where(crowded, jnp.inf, _from_ordered(low))
+  low_scores = jnp.where(crowded, jnp.inf, from_ordered(low))
   low_idx = chunk_ids * chunk + (low & (chunk - 1))
   pool = jnp.concatenate([low_scores, member_scores], axis=1)
   pool_idx = jnp.concatenate([low_idx, cols], axis=1)
@@ -329,6 +333,14 @@ def _paired_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Flo
             jnp.where(overflow[:, None], exact_idx, best_idx))
 
   return jax.lax.cond(jnp.any(overflow), unpaired, lambda: (best, best_idx))
+
+
+def _paired_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
+                 k: int, block_n: int, chunk: int
+                 ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  """Steps 1-3 with paired minima (module docstring)."""
+  first, second = _chunk_pairs(q, keys, key_sq, block_n, chunk)
+  return paired_select(q, keys, key_sq, first, second, k, chunk)
 
 
 def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],

@@ -195,7 +195,8 @@ def broken_default_kernel(monkeypatch):
   calls = []
   monkeypatch.setattr(api, "_platform", lambda: "tpu")
   monkeypatch.setattr(api, "_pallas_knn", types.SimpleNamespace(
-      is_supported=lambda **_: True, MAX_K=256, GPU_MAX_K=32))
+      is_supported=lambda **_: True, backend_for=lambda platform: "tpu",
+      max_k=lambda backend, metric: 256, uses_pairs=lambda *_: False))
   monkeypatch.setattr(api, "_PALLAS_FAILED", set())
   monkeypatch.setitem(IMPLEMENTATIONS, "pallas", _kernel_that_does_not_compile(calls))
   return calls

@@ -57,13 +57,24 @@ def test_fp32_peak_matches_the_most_specific_model():
 
 
 def test_unsupported_configs_are_reported_not_timed():
-  c2 = bench_gpu.CONFIGS["C2"]  # k = 100: 106 candidates, beyond the Triton kernel's 32
-  reason = bench_gpu.pallas_support(c2, "gpu")
-  assert reason is not None and "106" in reason
-  methods, skipped = bench_gpu.methods_for(c2, "gpu", [], None, 1024)
+  # C2 (k = 100: 106 candidates) runs the GPU pairs kernel; k = 300 is beyond any kernel.
+  assert bench_gpu.pallas_support(bench_gpu.CONFIGS["C2"], "gpu") is None
+  big_k = bench_gpu.Config(n=100_000, q=1000, d=128, k=300)
+  reason = bench_gpu.pallas_support(big_k, "gpu")
+  assert reason is not None and "318" in reason
+  methods, skipped = bench_gpu.methods_for(big_k, "gpu", [], None, 1024)
   assert set(methods) == {"xla"}
   assert {"pallas", "pallas-raw", "torch"} <= set(skipped)
   assert bench_gpu.pallas_support(bench_gpu.CONFIGS["C1"], "cpu") is None
+
+
+def test_tiles_name_the_pairs_kernel():
+  plain, pairs = bench_gpu.parse_tiles("32x64, 64x128P")
+  assert (plain.block_q, plain.block_n, plain.chunk, plain.pairs) == (32, 64, 0, False)
+  assert (pairs.block_q, pairs.block_n, pairs.chunk, pairs.pairs) == (64, 128, 16, True)
+  assert [bench_gpu.tile_name(t) for t in (plain, pairs)] == ["pallas 32x64", "pallas 64x128p"]
+  with pytest.raises(ValueError, match="BQxBN or BQxBNp"):
+    bench_gpu.parse_tiles("64x")
 
 
 def _failing_search(queries, keys, k):

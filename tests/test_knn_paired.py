@@ -35,11 +35,11 @@ def test_ordered_keys_keep_float_order_and_invert():
   values = np.concatenate([rng.standard_normal(1000) * 10.0 ** rng.integers(-30, 30, 1000),
                            [0.0, -0.0, 1e-45, -1e-45, np.finfo(np.float32).max,
                             -np.finfo(np.float32).max]]).astype(np.float32)
-  keys = np.asarray(xla._ordered(jnp.asarray(values)))
+  keys = np.asarray(xla.ordered(jnp.asarray(values)))
   order = np.lexsort((keys, values))  # by value; -0 and +0 are equal values
   assert np.all(np.diff(keys[order]) >= 0)
   assert np.all(np.diff(keys[order])[np.diff(values[order]) > 0] > 0)
-  np.testing.assert_array_equal(np.asarray(xla._from_ordered(jnp.asarray(keys))).view(np.int32),
+  np.testing.assert_array_equal(np.asarray(xla.from_ordered(jnp.asarray(keys))).view(np.int32),
                                 values.view(np.int32))
 
 
@@ -54,7 +54,7 @@ def test_tile_pairs_are_the_two_smallest_tagged_scores(chunk):
   first, second = np.asarray(first), np.asarray(second)
   padded = np.full((-(-n // chunk) * chunk, bq), np.finfo(np.float32).max, np.float32)
   padded[:n] = scores
-  tagged = np.asarray(xla._ordered(jnp.asarray(padded))).reshape(-1, chunk, bq)
+  tagged = np.asarray(xla.ordered(jnp.asarray(padded))).reshape(-1, chunk, bq)
   tagged = (tagged & ~(chunk - 1)) | np.arange(chunk, dtype=np.int32)[None, :, None]
   two = np.sort(tagged, axis=1)[:, :2]
   np.testing.assert_array_equal(first, two[:, 0])
@@ -64,7 +64,7 @@ def test_tile_pairs_are_the_two_smallest_tagged_scores(chunk):
   groups = padded.reshape(-1, chunk, bq)
   np.testing.assert_array_equal(first & (chunk - 1), np.argmin(groups, axis=1))
   smallest = groups.min(axis=1)
-  value = np.asarray(xla._from_ordered(jnp.asarray(first)))
+  value = np.asarray(xla.from_ordered(jnp.asarray(first)))
   assert np.all(np.abs(value - smallest) < chunk * np.spacing(np.abs(smallest)) + 1e-45)
   assert np.all(np.isfinite(value))
 
@@ -73,7 +73,7 @@ def test_tile_pairs_of_infinite_scores_stay_finite():
   """A tagged infinity would be a NaN pattern, which top_k would rank first."""
   scores = jnp.asarray([[np.inf], [1.0], [-np.inf], [2.0], [np.inf], [np.inf]], jnp.float32)
   first, second = xla._tile_pairs(scores, 4)
-  values = np.asarray(xla._from_ordered(jnp.concatenate([first, second])))
+  values = np.asarray(xla.from_ordered(jnp.concatenate([first, second])))
   assert np.all(np.isfinite(values))
   np.testing.assert_array_equal(np.asarray(first)[:, 0] & 3, [2, 0])  # -inf, then +inf
   assert values[0, 0] < -1e38 and values[2, 0] == pytest.approx(1.0)
@@ -124,7 +124,7 @@ def crowded_count(queries, keys, k, block_sizes=PAIRED):
   q, x = jnp.asarray(queries) - mean, jnp.asarray(keys) - mean
   first, second = xla._chunk_pairs(q, x, jnp.sum(x * x, -1), block_sizes.block_n,
                                    block_sizes.chunk)
-  ids = xla._select_chunks(xla._from_ordered(first), k)
+  ids = xla._select_chunks(xla.from_ordered(first), k)
   rows = jnp.arange(q.shape[0])[:, None]
   tau = jnp.max(first[ids, rows], axis=1, keepdims=True)
   return np.asarray(jnp.sum(second[ids, rows] <= tau, axis=1))

@@ -1,6 +1,7 @@
 """The Pallas kNN kernel: contract suite in interpret mode, selection invariants,
-the TPU interpreter, the Triton kernel body, lowering for TPU and GPU, and
-compiled-mode checks that only run on an accelerator.
+the TPU interpreter, the Triton kernel bodies (rounds, and chunk pairs with the
+public wrapper as on a GPU), lowering for TPU and GPU, and compiled-mode checks that
+only run on an accelerator.
 
 Interpret mode is slow by design, so tiles are small (which also makes every search
 cross several key tiles with a ragged last one) and the heavier interpreters (the
@@ -22,6 +23,7 @@ from knn_contract import KnnContract, check_result, integer_data, oracle, random
 import resmem_jax
 from resmem_jax.kernels import BlockSizes, api
 from resmem_jax.kernels import pallas_knn as pk
+from resmem_jax.kernels import xla
 
 pltpu = pk.pltpu
 
@@ -175,8 +177,13 @@ def test_is_supported():
   assert pk.is_supported(k=pk.MAX_K, dim=64, dtype=jnp.bfloat16, platform="tpu")
   assert not pk.is_supported(k=pk.MAX_K + 1, dim=64, dtype=jnp.float32, platform="tpu")
   assert not pk.is_supported(k=10, dim=64, dtype=jnp.float64, platform="tpu")
-  assert pk.is_supported(k=pk.GPU_MAX_K, dim=128, dtype=jnp.float32, platform="gpu")
-  assert not pk.is_supported(k=pk.GPU_MAX_K + 1, dim=128, dtype=jnp.float32, platform="gpu")
+  assert pk.is_supported(k=pk.GPU_MAX_K, dim=128, dtype=jnp.float32, platform="gpu",
+                         metric="ip")
+  assert not pk.is_supported(k=pk.GPU_MAX_K + 1, dim=128, dtype=jnp.float32, platform="gpu",
+                             metric="ip")
+  # l2 beyond the rounds kernel's slots: the pairs kernel, up to MAX_K.
+  assert pk.is_supported(k=pk.MAX_K, dim=128, dtype=jnp.float32, platform="gpu")
+  assert not pk.is_supported(k=pk.MAX_K + 1, dim=128, dtype=jnp.float32, platform="gpu")
   assert not pk.is_supported(k=10, dim=pk.GPU_MAX_DIM + 1, dtype=jnp.float32, platform="gpu")
   assert not pk.is_supported(k=10, dim=64, dtype=jnp.float32, platform="cpu")
   assert api.IMPLEMENTATIONS["pallas"] is pk.knn_pallas
@@ -235,16 +242,121 @@ def test_triton_body_ties():
 
 
 # --------------------------------------------------------------------------------------
+# The Triton pairs kernel (l2 beyond GPU_MAX_K, or asked for by BlockSizes.pairs), with
+# the public wrapper and its certificate as they run on a GPU, the kernel interpreted.
+
+PAIR_TILES = BlockSizes(block_q=16, block_n=32, chunk=4, pairs=True)
+
+
+@pytest.fixture(scope="class")
+def as_on_a_gpu():
+  """`knn_pallas` and the wrapper pick the Triton kernels, as on a GPU (interpreted:
+  the platform is still CPU). Class-scoped, so the property tests may use it."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pk, "backend_for", lambda platform: "triton")
+    yield
+
+
+@pytest.mark.usefixtures("as_on_a_gpu")
+class TestTritonPairsInterpret(KnnContract):
+  """The contract suite on the GPU path: l2 through the pairs kernel (chunks of 4 so
+  that small k prunes), ip through the rounds kernel."""
+
+  IMPLEMENTATION = "pallas"
+  BLOCK_SIZES = PAIR_TILES
+
+
+pairs_interpret = functools.partial(pk.knn_pallas, metric="l2", backend="triton",
+                                    interpret=True)
+
+
+@pytest.mark.parametrize("k,dim,tiles", [
+    (pk.GPU_MAX_K + 1, 3, None),  # the default GPU tiles: chunk 16
+    (70, 40, BlockSizes(block_q=16, block_n=64, chunk=16)),  # dot in 2 steps, 1 ragged
+    (pk.MAX_K, 130, BlockSizes(block_q=32, block_n=256, chunk=8, pairs=True)),
+])
+def test_triton_pairs_kernel_interpreted(k, dim, tiles):
+  queries, keys = random_data(60 + k, 21, 4500, dim)  # ragged query and key tiles
+  q, x = centred(queries, keys, "l2")
+  _, idx = jax.jit(functools.partial(pairs_interpret, k=k, block_sizes=tiles))(q, x)
+  assert_kernel_exact(idx, queries, keys, k)
+
+
+@pytest.mark.parametrize("dim", [20, 45])  # the kernel's dot in one step, in two
+def test_triton_pairs_equal_the_xla_pairs(dim):
+  """The kernel's chunk pairs are the XLA path's up to the dot's rounding (a matmul of
+  other tile shapes may round differently): the same minima where the scores are apart."""
+  queries, keys = random_data(61, 32, 1000, dim)
+  q, x = (jnp.asarray(a) for a in centred(queries, keys, "l2"))
+  x_sq = jnp.sum(x * x, axis=1)
+  first, second = pk.triton_chunk_pairs(q, x, x_sq[:, None], chunk=8, block_q=16,
+                                        block_n=64, interpret=True)
+  want_first, want_second = xla._chunk_pairs(q, x, x_sq, 1024, 8)
+  assert first.shape == want_first.shape == (125, 32)
+  for got, want in ((first, want_first), (second, want_second)):
+    np.testing.assert_allclose(np.asarray(xla.from_ordered(got)),
+                               np.asarray(xla.from_ordered(want)), rtol=1e-5, atol=1e-4)
+  want_low = np.asarray(xla.from_ordered(want_first))
+  apart = np.asarray(xla.from_ordered(want_second)) - want_low > 1e-3
+  assert apart.mean() > 0.9
+  np.testing.assert_array_equal(np.where(apart, np.asarray(first) & 7, -1),
+                                np.where(apart, np.asarray(want_first) & 7, -1))
+
+
+def test_triton_pairs_crowded_chunks_fall_back_exactly():
+  """Keys along a line in index order: a query's winners fill whole consecutive chunks,
+  far more crowded chunks than PAIR_SLOTS, so its query tile runs the exact step."""
+  rng = np.random.default_rng(62)
+  line = np.sort(rng.uniform(0, 1000, 1200))
+  keys = np.stack([line, rng.standard_normal(1200)], axis=1).astype(np.float32)
+  queries = np.stack([rng.uniform(100, 900, 20), np.zeros(20)], axis=1).astype(np.float32)
+  q, x = (jnp.asarray(a) for a in centred(queries, keys, "l2"))
+  k, chunk = 60, 4
+  first, second = pk.triton_chunk_pairs(pk._pad_rows(q, 32), x, jnp.sum(x * x, 1)[:, None],
+                                        chunk=chunk, block_q=16, block_n=64, interpret=True)
+  chunk_ids = xla._select_chunks(xla.from_ordered(first), k)
+  rows = jnp.arange(first.shape[1])[:, None]
+  tau = jnp.max(first[chunk_ids, rows], axis=1, keepdims=True)
+  crowded = np.asarray(jnp.sum(second[chunk_ids, rows] <= tau, axis=1))[:20]
+  assert (crowded > xla.PAIR_SLOTS).all()
+  tiles = BlockSizes(block_q=16, block_n=64, chunk=chunk, pairs=True)
+  _, idx = jax.jit(functools.partial(pairs_interpret, k=k, block_sizes=tiles))(q, x)
+  assert_kernel_exact(idx, queries, keys, k)
+
+
+def test_triton_pairs_with_few_keys_run_the_xla_search():
+  queries, keys = random_data(63, 10, 500, 4)  # k * 16 >= N: no chunk can be pruned
+  q, x = centred(queries, keys, "l2")
+  _, idx = jax.jit(functools.partial(pairs_interpret, k=40))(q, x)
+  assert_kernel_exact(idx, queries, keys, 40)
+
+
+def test_certificate_allows_for_the_pairs_tag(monkeypatch):
+  """The pairs kernel ranks by tagged scores: the certificate's bound must say so."""
+  assert not api._tags_scores("pallas", 100, "l2", None)  # CPU: the TPU kernel
+  monkeypatch.setattr(pk, "backend_for", lambda platform: "triton")
+  assert api._tags_scores("pallas", 100, "l2", None)
+  assert api._tags_scores("pallas", 10, "l2", PAIR_TILES)
+  assert not api._tags_scores("pallas", 10, "l2", None)  # the rounds kernel
+  assert not api._tags_scores("pallas", 10, "ip", PAIR_TILES)
+  assert api._tags_scores("xla", 10, "l2", None)
+  assert not api._tags_scores("reference", 10, "l2", None)
+
+
+# --------------------------------------------------------------------------------------
 # Lowering for the real backends, on CPU: every primitive has a Mosaic TPU / Triton
 # lowering rule and the block shapes pass the lowering's checks. (Mosaic's layout
 # passes and ptxas run only at compile time on the device: not covered here.)
 
 
-@pytest.mark.parametrize("backend,platform,k", [("tpu", "tpu", 10), ("tpu", "tpu", 100),
-                                                ("triton", "cuda", 16)])
-def test_lowers_for_the_device(backend, platform, k):
+@pytest.mark.parametrize("backend,platform,k,tiles", [
+    ("tpu", "tpu", 10, None), ("tpu", "tpu", 100, None),
+    ("triton", "cuda", 16, None),  # rounds
+    ("triton", "cuda", 100, None),  # pairs
+    ("triton", "cuda", 16, BlockSizes(block_q=64, block_n=128, chunk=16, pairs=True))])
+def test_lowers_for_the_device(backend, platform, k, tiles):
   dim = 64
-  tiles = pk.default_block_sizes("gpu" if backend == "triton" else "tpu", k, dim)
+  tiles = tiles or pk.default_block_sizes("gpu" if backend == "triton" else "tpu", k, dim)
   fn = jax.jit(functools.partial(pk.knn_pallas, k=k, metric="l2", block_sizes=tiles,
                                  backend=backend, interpret=False))
   args = (jax.ShapeDtypeStruct((256, dim), jnp.float32),
