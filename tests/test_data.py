@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,43 @@ def test_mnist5k_splits():
   assert 20 < s.mean[0] < 60 and s.train.images.max() == 255
 
 
+def _pixel_stats(*images):
+  x = np.concatenate([i.reshape(-1, i.shape[-1]) for i in images]).astype(np.float64)
+  return x.mean(0), x.std(0)
+
+
+def test_normalisation_stats_come_from_the_train_split_only():
+  s = data.load_splits("mnist5k")
+  mean, std = _pixel_stats(s.train.images)
+  np.testing.assert_allclose(s.mean, mean, rtol=1e-9)
+  np.testing.assert_allclose(s.std, std, rtol=1e-9)
+  # The tolerance can tell the train-only statistics from leaked (whole pool) ones.
+  pool_mean, pool_std = _pixel_stats(s.train.images, s.validation.images, s.test.images)
+  assert abs(pool_mean[0] - mean[0]) > 1e-6 * mean[0]
+  assert abs(pool_std[0] - std[0]) > 1e-6 * std[0]
+
+
+def test_channel_stats_in_chunks_match_the_direct_float64_stats():
+  images = np.random.default_rng(0).integers(0, 256, (50, 7, 9, 3), dtype=np.uint8)
+  mean, std = _pixel_stats(images)
+  for chunk in (1, 100, 1 << 18):
+    got_mean, got_std = data._channel_stats(images, chunk=chunk)
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(got_std, std, rtol=1e-12)
+  # Constant channels get the 1e-3 floor, not a zero std.
+  assert data._channel_stats(np.full((2, 2, 2, 1), 7, np.uint8)) == ((7.0,), (1e-3,))
+
+
+def test_mnist5k_default_split_is_pinned():
+  # The quotas of the default split are plain proportions (350 / 50 / 100 per class), so
+  # it selects the same digits as every earlier version: results stay comparable.
+  _, labels = data._mnist5k()
+  parts = data.stratified_split(labels, (3500, 500, 1000), seed=0)
+  digests = [hashlib.sha256(p.astype("<i8").tobytes()).hexdigest()[:16] for p in parts]
+  assert digests == ["952d8a51b317e470", "f3d77d42d3f5613b", "6f558d497099defe"]
+  assert [p[:4].tolist() for p in parts] == [[0, 1, 2, 4], [5, 7, 15, 19], [3, 6, 8, 9]]
+
+
 def test_splits_are_deterministic_and_seeded():
   a, b = data.load_splits("mnist5k"), data.load_splits("mnist5k")
   np.testing.assert_array_equal(a.test.images, b.test.images)
@@ -51,8 +90,87 @@ def test_stratified_split():
   np.testing.assert_array_equal(np.bincount(labels[parts[0]]), [25, 15, 10])
   with pytest.raises(ValueError, match="sizes"):
     data.stratified_split(labels, (90, 20), seed=0)
+  with pytest.raises(ValueError, match="sizes"):
+    data.stratified_split(labels, (10, -1), seed=0)
+  with pytest.raises(TypeError, match="sizes"):
+    data.stratified_split(labels, (10, 2.5), seed=0)
   with pytest.raises(ValueError, match="dataset"):
     data.load_splits("svhn")
+
+
+def test_stratified_split_sizes_are_exact_and_shares_proportional():
+  rng = np.random.default_rng(0)
+  for case in range(300):
+    counts = rng.integers(1, 40, rng.integers(1, 9))
+    labels = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+    n, k = len(labels), int(rng.integers(1, 6))
+    sizes = [int(x) for x in rng.multinomial(rng.integers(0, n + 1),
+                                             rng.dirichlet(np.ones(k)))]
+    parts = data.stratified_split(labels, sizes, seed=case)
+    assert [len(p) for p in parts] == sizes, (counts, sizes)
+    joined = np.concatenate(parts)
+    assert len(np.unique(joined)) == len(joined) and (joined < n).all()
+    left = counts.astype(float)
+    for size, part in zip(sizes, parts):
+      got = np.bincount(labels[part], minlength=len(counts))
+      # The documented guarantee: within 1 of the part's share of what was left.
+      share = size * left / left.sum() if left.sum() else np.zeros_like(left)
+      assert np.abs(got - share).max() < 1 and (got <= left).all(), (counts, sizes)
+      assert np.abs(got - size * counts / n).max() < 2.5, (counts, sizes)
+      left -= got
+    first = np.bincount(labels[parts[0]], minlength=len(counts))
+    assert np.abs(first - sizes[0] * counts / n).max() < 1
+
+
+def test_stratified_split_tiny_classes_never_give_a_short_part():
+  for counts, sizes in (([1, 4, 4], (6, 1, 1, 1)), ([1, 8, 27, 27, 27], (75, 2, 1, 10, 2))):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    for seed in range(5):
+      parts = data.stratified_split(labels, sizes, seed=seed)
+      assert tuple(len(p) for p in parts) == sizes
+
+
+def test_stratified_split_ties_are_broken_by_the_seed():
+  labels = np.repeat(np.arange(10), 10)
+  mixes = set()
+  for seed in range(8):
+    train, val, test = data.stratified_split(labels, (90, 5, 5), seed=seed)
+    np.testing.assert_array_equal(np.bincount(labels[train], minlength=10), [9] * 10)
+    val_classes = labels[val]
+    assert len(set(val_classes.tolist())) == 5  # one each of five classes
+    assert set(val_classes.tolist()).isdisjoint(labels[test].tolist())
+    mixes.add(tuple(sorted(val_classes.tolist())))
+  assert len(mixes) > 1, mixes  # not always the lowest class indices
+  # Real data: 25 validation digits of 10 balanced classes, 2 or 3 each, varying mix.
+  mixes = {tuple(np.bincount(data.load_splits("mnist5k", val_size=25, test_size=25,
+                                              split_seed=seed).validation.labels))
+           for seed in range(3)}
+  assert len(mixes) > 1 and all(sorted(set(m)) == [2, 3] for m in mixes)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"val_size": 499.9}, TypeError, "val_size"),
+    ({"val_size": "500"}, TypeError, "val_size"),
+    ({"val_size": True}, TypeError, "val_size"),
+    ({"val_size": 0}, ValueError, "val_size"),
+    ({"test_size": 0}, ValueError, "test_size"),
+    ({"test_size": 2.0}, TypeError, "test_size"),
+    ({"max_train": 0}, ValueError, "max_train"),
+    ({"max_train": -5}, ValueError, "max_train"),
+    ({"max_train": 10.5}, TypeError, "max_train"),
+    ({"split_seed": -1}, ValueError, "split_seed"),
+    ({"split_seed": 0.5}, TypeError, "split_seed"),
+    ({"val_size": 1500, "test_size": 297}, ValueError, "train split"),
+])
+def test_load_splits_rejects_bad_arguments(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    data.load_splits("digits", **kwargs)
+
+
+def test_load_splits_accepts_numpy_ints():
+  s = data.load_splits("digits", val_size=np.int64(100), test_size=np.int32(200),
+                       max_train=np.int64(300), split_seed=np.uint8(3))
+  assert (len(s.train), len(s.validation), len(s.test)) == (300, 100, 200)
 
 
 def test_mock_cifar100_through_data_source():
@@ -61,6 +179,27 @@ def test_mock_cifar100_through_data_source():
   assert s.num_classes == 100 and s.image_shape == (32, 32, 3)
   assert (len(s.train), len(s.validation), len(s.test)) == (16, 4, 20)
   assert s.train.labels.max() < 100
+
+
+def test_mock_cifar10_with_max_train_and_test_size():
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    s = data.load_splits("cifar10", val_size=4, test_size=6, max_train=10)
+    full = data.load_splits("cifar10", val_size=4)
+    with pytest.raises(ValueError, match="test_size"):
+      data.load_splits("cifar10", val_size=4, test_size=0)
+    with pytest.raises(ValueError, match="train split"):
+      data.load_splits("cifar10", val_size=20)
+  assert s.num_classes == 10 and s.image_shape == (32, 32, 3)
+  assert (len(s.train), len(s.validation), len(s.test)) == (10, 4, 6)
+  train, val, test = _rows(s.train), _rows(s.validation), _rows(s.test)
+  assert len(train) == 10 and len(val) == 4 and len(test) == 6  # distinct mock images
+  assert train.isdisjoint(val)
+  assert train <= _rows(full.train) and test <= _rows(full.test)
+  # max_train does not move the validation split.
+  np.testing.assert_array_equal(s.validation.images, full.validation.images)
+  mean, std = _pixel_stats(s.train.images)
+  np.testing.assert_allclose(s.mean, mean, rtol=1e-9)
+  np.testing.assert_allclose(s.std, std, rtol=1e-9)
 
 
 def test_augment_is_a_crop_of_the_padded_image_or_its_flip():
