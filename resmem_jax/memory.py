@@ -21,8 +21,20 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from resmem_jax import _validation as v
+from resmem_jax.kernels import sharded
 
 TASKS = ("classification", "regression")
+# Scales (T, sigma) are clamped to float32 normals whose reciprocals are normal too:
+# XLA may divide as x * (1 / scale), and a flushed reciprocal would give 0 or NaN.
+SCALE_RANGE = (2.0 ** -126, 2.0 ** 126)
+
+
+def safe_scale(scale):
+  """A temperature or bandwidth > 0 as float32, clamped to SCALE_RANGE (a host number
+  is clamped before the cast, which would warn on overflow)."""
+  if isinstance(scale, (int, float, np.number)):
+    scale = float(np.clip(float(scale), *SCALE_RANGE))
+  return jnp.clip(jnp.asarray(scale, jnp.float32), *SCALE_RANGE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +43,9 @@ class MemoryMeta:
 
   Attributes:
     task: "classification" or "regression".
-    temperature: T of the stored residuals, onehot(y) - softmax(z / T) (1.0 and unused
-      for regression).
+    temperature: T of the stored residuals, onehot(y) - softmax(z / T); always 1.0 for
+      regression, which has no temperature (`build_memory` checks the T it is given
+      and stores 1.0).
     dim: embedding dimension D of the keys; queries must match it.
     n_outputs: number of classes C, or of regression outputs M (1 for scalar targets).
     output_shape: per-example shape of the base outputs the memory expects: (C,) for
@@ -92,10 +105,31 @@ def tempered_softmax(logits: Float[Array, "... C"], temperature) -> Float[Array,
   argmax (split evenly between tied maxima) instead of inf / inf. (With the shift
   after the division, XLA may compute z / T in two fused places with different
   roundings, and a tiny T then turns that difference into exp(+huge).)
+
+  T is taken in float32 and clamped to [2^-126, 2^126] (~1.2e-38 to ~8.5e37), as
+  `predict.bandwidth` clamps sigma: a smaller T would be flushed to 0 and give the
+  largest logit 0 / 0, and at the smallest normal the result is already the T -> 0
+  limit for any logits float32 tells apart; XLA may compute z / T as z * (1 / T), and
+  beyond 2^126 that reciprocal is flushed to 0 (-inf * 0 = NaN), while at 2^126 the
+  result is already the uniform T -> inf limit unless logits differ by more than
+  ~1e31. -inf logits get weight 0, and where the maximum itself is infinite
+  (inf - inf) the entries equal to it are shifted to 0, so they share the weight
+  instead of giving NaN.
+
+  Args:
+    logits: (..., C) logits z.
+    temperature: T > 0, a float or an array broadcasting against `logits` (traced
+      values pass unchecked).
+
+  Returns:
+    float32 probabilities shaped like `logits`.
   """
   z = logits.astype(jnp.float32)
-  shifted = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-  e = jnp.exp(shifted / temperature)
+  top = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  # z - top is exactly 0 at a finite maximum and keeps the gradient in z there; only an
+  # infinite maximum needs the explicit 0.
+  shifted = jnp.where((z == top) & ~jnp.isfinite(top), 0.0, z - top)
+  e = jnp.exp(shifted / safe_scale(temperature))
   return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
@@ -159,8 +193,10 @@ def build_memory(embeddings: Float[Array, "N D"],
     classification:  r_i = onehot(y_i) - softmax(z(x_i) / T)
     regression:      r_i = y_i - f(x_i)
 
-  Arrays keep their placement: embeddings given as a row-sharded `jax.Array` give a
-  row-sharded memory (or place one later with `rm.shard_memory`).
+  Embeddings given as a `jax.Array` whose `NamedSharding` splits rows give a memory
+  split the same way: targets, outputs and residuals are put on the embeddings' mesh
+  with the same row axes (wherever the labels and logits were, NumPy included). Any
+  other placement is kept as it is; place a memory later with `rm.shard_memory`.
 
   Args:
     embeddings: (N, D) floating, the base model's penultimate features of the
@@ -170,10 +206,12 @@ def build_memory(embeddings: Float[Array, "N D"],
     base_outputs: (N, C) logits (classification); regression outputs with the shape of
       `targets`.
     task: "classification" or "regression".
-    temperature: T > 0 of the classification residuals (stored; unused for
-      regression).
-    fingerprint: optional string identifying the base model (`model_fingerprint(params)`),
-      stored and checked later by `predict` / `load_memory` when they are given one.
+    temperature: T > 0 of the classification residuals, a float or a concrete 0-d
+      array (stored). Checked but unused for regression, whose memory stores 1.0.
+    fingerprint: optional string identifying the base model, e.g.
+      `model_fingerprint({"params": ..., "batch_stats": ...})` of the variables the
+      embeddings came from; stored and checked later by `predict` / `load_memory` when
+      they are given one.
 
   Returns:
     A `Memory`.
@@ -217,11 +255,27 @@ def build_memory(embeddings: Float[Array, "N D"],
     # Regression rows are stored as (N, M) so every task aggregates (N, C) rows.
     targets = targets.astype(jnp.float32).reshape(n, -1)
     outputs = outputs.reshape(n, -1)
+  if task == "regression":
+    temperature = 1.0  # No temperature: one meta (and one jit trace) for any T given.
   meta = MemoryMeta(task=task, temperature=temperature, dim=int(dim),
                     n_outputs=int(outputs.shape[1]), output_shape=output_shape,
                     dtype=str(keys.dtype), fingerprint=fingerprint)
+  row_sharding = sharded.row_axes(keys)
+  if row_sharding is not None:
+    # Labels and logits often come as NumPy; left alone they (and so the residuals)
+    # would sit whole on one device next to row-split keys.
+    mesh = keys.sharding.mesh
+    targets, outputs = (_put_rows(x, mesh, row_sharding) for x in (targets, outputs))
   res = _residuals_jit(targets, outputs, task=task, temperature=temperature)
+  if row_sharding is not None:
+    res = _put_rows(res, mesh, row_sharding)
   return Memory(keys=keys, residuals=res, outputs=outputs, targets=targets, meta=meta)
+
+
+def _put_rows(x, mesh: jax.sharding.Mesh, axes: tuple[str, ...]):
+  """`x` with its rows split over mesh axes `axes`, trailing axes replicated."""
+  spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 @functools.partial(jax.jit, static_argnames=("task", "temperature"))
@@ -264,30 +318,50 @@ def shard_memory(mem: Memory, mesh: jax.sharding.Mesh,
     raise ValueError(f"the memory's N={mem.size} rows must split evenly over the {shards} "
                      f"devices of mesh axis {axis!r}; pad or trim it to a multiple of {shards}")
 
-  def put(x):
-    spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
-    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-
-  return mem._replace(keys=put(mem.keys), residuals=put(mem.residuals),
-                      outputs=put(mem.outputs), targets=put(mem.targets))
+  return mem._replace(**{name: _put_rows(getattr(mem, name), mesh, axes)
+                         for name in ("keys", "residuals", "outputs", "targets")})
 
 
-def model_fingerprint(params: Any) -> str:
-  """A short hash of a parameter pytree (structure, shapes, dtypes and values).
+def model_fingerprint(variables: Any) -> str:
+  """A short hash of a pytree of arrays: its key paths, shapes, dtypes and values.
 
   Store it with `build_memory(..., fingerprint=...)`; `predict` and `load_memory`
   compare it with the one they are given, so a memory is not used with residuals of
   another base model by mistake.
 
+  Hash everything the embedding depends on: for a model with BatchNorm that is the
+  running statistics as well as the parameters, so fingerprint the variables
+  `{"params": state.params, "batch_stats": state.batch_stats}`, not `state.params`
+  alone. Only arrays are hashed: architecture attributes (a module's `embed_act`, its
+  `dtype`, ...) and other static data are not covered, and two models that differ
+  only there share a fingerprint.
+
+  The hash reads each leaf's key path (`jax.tree_util.keystr`), never the treedef's
+  text, so it is the same in every process (a TrainState's static `apply_fn` and `tx`
+  do not enter it) and for a dict and a `FrozenDict` of the same arrays (likewise a
+  list and a tuple). None leaves are empty subtrees and do not count.
+
+  Args:
+    variables: a pytree of arrays (NumPy, JAX, or Python scalars), e.g. a Flax
+      variables dict.
+
+  Returns:
+    16 hex digits.
+
   Example:
-    >>> fp = rm.model_fingerprint(state.params)
+    >>> fp = rm.model_fingerprint({"params": state.params,
+    ...                            "batch_stats": state.batch_stats})
+    >>> mem = rm.build_memory(emb, labels, logits, fingerprint=fp)
   """
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  digest = hashlib.sha256(str(treedef).encode())
-  for leaf in leaves:
-    arr = np.asarray(leaf)
-    digest.update(f"{arr.shape}{arr.dtype}".encode())
-    digest.update(np.ascontiguousarray(arr).tobytes())
+  leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
+  digest = hashlib.sha256(f"{len(leaves)} leaves\n".encode())
+  for path, leaf in leaves:
+    arr = np.ascontiguousarray(np.asarray(leaf))
+    # The byte count ends the header, so neither a key nor the values can run into the
+    # next leaf's fields and collide.
+    digest.update(f"{jax.tree_util.keystr(path)!r}|{arr.shape}|{arr.dtype.name}|"
+                  f"{arr.nbytes}\n".encode())
+    digest.update(arr.tobytes())
   return digest.hexdigest()[:16]
 
 
@@ -330,8 +404,11 @@ def check_queries(mem: Memory, embeddings, base_outputs, *, emb_name: str = "emb
 
 
 def check_temperature(name: str, temperature) -> float:
+  """A finite real T > 0 (a Python or NumPy scalar, or a concrete 0-d array) as a float."""
+  temperature = v.concrete_scalar(temperature)
   if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
-    raise TypeError(f"{name} must be a float, got {name}={temperature!r}")
+    raise TypeError(f"{name} must be a float or a concrete 0-d array, got "
+                    f"{name}={temperature!r}")
   v.check_positive(name, temperature)
   return float(temperature)
 
@@ -356,6 +433,9 @@ def _check_targets_outputs(targets, base_outputs, *, task, temperature, n,
     if tuple(base_outputs.shape) != tuple(targets.shape):
       raise ValueError(f"{outputs_name} must have the shape of {targets_name}, got "
                        f"{outputs_name}.shape={tuple(base_outputs.shape)}, "
+                       f"{targets_name}.shape={tuple(targets.shape)}")
+    if targets.ndim == 2 and targets.shape[1] == 0:
+      raise ValueError(f"{targets_name} must have M >= 1 outputs, got "
                        f"{targets_name}.shape={tuple(targets.shape)}")
   rows = targets.shape[0]
   if base_outputs.shape[0] != rows or (n is not None and rows != n):

@@ -28,6 +28,16 @@ ModuleDef = Any
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def output_dtype(dtype) -> jnp.dtype:
+  """The dtype of a model's logits and embedding for computation dtype `dtype`.
+
+  At least float32 (bfloat16 and float16 features are widened for the memory and the
+  loss), never narrower than `dtype` itself (float64 stays float64), and one JAX can
+  hold: float32 when 64-bit JAX is off.
+  """
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
+
+
 class ResNetBlock(nn.Module):
   """Basic residual block: two 3x3 convolutions, projection shortcut on a shape change."""
   filters: int
@@ -84,7 +94,10 @@ class ResNet(nn.Module):
     num_filters: filters of the first stage (16 for the CIFAR family, 64 for ImageNet).
     width: multiplier on every stage's filters (rounded, at least 1).
     stem: "cifar" (one 3x3 convolution) or "imagenet" (7x7 stride 2 plus 3x3 max-pool).
-    dtype: computation dtype (parameters stay float32).
+    dtype: computation dtype (parameters stay float32). Logits and embedding come out in
+      `output_dtype(dtype)`: float32 for float32 and narrower, float64 for float64
+      (with 64-bit JAX on).
+    act: activation after every normalisation.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef = ResNetBlock
@@ -116,9 +129,10 @@ class ResNet(nn.Module):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
         x = self.block_cls(filters * 2**i, strides=strides, conv=conv, norm=norm,
                            act=self.act)(x)
-    embedding = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    out = output_dtype(self.dtype)
+    embedding = jnp.mean(x, axis=(1, 2)).astype(out)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
-    return logits.astype(jnp.float32), embedding
+    return logits.astype(out), embedding
 
 
 # The CIFAR family of He et al. (2016), Sec. 4.2: depth 6n + 2, three stages of n basic
@@ -188,6 +202,9 @@ class SmallCNN(nn.Module):
     embed_dim: size of the embedding (the input of the final dense layer).
     depth: number of 3x3 convolution + ReLU layers (at least 1).
     embed_act: apply a ReLU to the embedding layer.
+    dtype: computation dtype (parameters stay float32). Logits and embedding come out in
+      `output_dtype(dtype)`: float32 for float32 and narrower, float64 for float64
+      (with 64-bit JAX on).
   """
   num_classes: int = 10
   width: int = 8
@@ -210,9 +227,10 @@ class SmallCNN(nn.Module):
     embedding = nn.Dense(self.embed_dim, dtype=self.dtype)(x)
     if self.embed_act:
       embedding = nn.relu(embedding)
-    embedding = embedding.astype(jnp.float32)
+    out = output_dtype(self.dtype)
+    embedding = embedding.astype(out)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(embedding)
-    return logits.astype(jnp.float32), embedding
+    return logits.astype(out), embedding
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -2,63 +2,220 @@
 
 A saved memory is one Orbax checkpoint directory with two items: `arrays` (keys,
 residuals, outputs, targets; written shard by shard from wherever they live) and
-`meta` (JSON: the `MemoryMeta`, N and a format version). Loading reads the JSON
-first, so the arrays can be restored straight into any layout, e.g. split by rows
-over the devices of a mesh, without a full copy on one device.
+`meta` (JSON: the `MemoryMeta`, N, each array's shape and dtype, and a format
+version). Loading reads the JSON first, so the arrays can be restored straight into
+any layout, e.g. split by rows over the devices of a mesh, without a full copy on one
+device, and each comes back in the dtype it was saved in.
+
+Paths are local paths (`~` expanded, made absolute) or cloud URLs such as
+`gs://bucket/memory`, handled by `etils.epath`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import threading
+import time
+import uuid
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resmem_jax.memory import TASKS, Memory, MemoryMeta, check_memory
 
-FORMAT_VERSION = 1
+# 2: each array's shape and dtype in the metadata (1 assumed float32 residuals and
+# outputs). Both are read.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _ARRAYS = ("keys", "residuals", "outputs", "targets")
+# How long a failed save waits for Orbax's background writes before cleaning up.
+_CLEANUP_TIMEOUT_S = 10.0
 
 
 def _checkpointer() -> ocp.Checkpointer:
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  # Directories created before the items are written, not in the background: a save
+  # that fails then leaves no write pending that could recreate what `save_memory`
+  # cleans up.
+  options = ocp.AsyncOptions(create_directories_asynchronously=False)
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      composite_options=ocp.CompositeOptions(async_options=options)))
+
+
+def _resolve(path: str | os.PathLike) -> epath.Path:
+  """A cloud URL as it is; a local path with `~` expanded, made absolute."""
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def _saved_meta(path: epath.Path) -> dict | None:
+  """The metadata of the memory saved at `path`, or None if it holds none."""
+  try:
+    raw = json.loads((path / "meta" / "metadata").read_text())
+  except Exception:  # Missing, unreadable or not JSON: not a saved memory.
+    return None
+  if not isinstance(raw, dict) or not isinstance(raw.get("format_version"), int):
+    return None
+  return raw
+
+
+def _check_arrays_match_meta(mem: Memory) -> None:
+  """Raises ValueError when the arrays of `mem` disagree with its `meta`.
+
+  A `Memory` is a NamedTuple: `mem._replace(keys=...)` can leave a meta behind that no
+  longer describes the arrays, and a memory saved that way would load wrongly.
+  """
+  meta, c = mem.meta, mem.meta.n_outputs
+  n = mem.keys.shape[0] if mem.keys.ndim else 0
+  want = {"keys": ((n, meta.dim), "floating"), "residuals": ((n, c), "floating"),
+          "outputs": ((n, c), "floating"),
+          "targets": (((n,), "integer") if meta.task == "classification"
+                      else ((n, c), "floating"))}
+  for name, (shape, kind) in want.items():
+    arr = getattr(mem, name)
+    if tuple(arr.shape) != shape:
+      raise ValueError(f"mem.{name} must be shaped {shape} as mem.meta describes (N={n}, "
+                       f"dim={meta.dim}, n_outputs={c}, task={meta.task!r}), got "
+                       f"mem.{name}.shape={tuple(arr.shape)}; rebuild it with "
+                       f"rm.build_memory")
+    family = jnp.floating if kind == "floating" else jnp.integer
+    if not jnp.issubdtype(arr.dtype, family):
+      raise ValueError(f"mem.{name} must have {'a' if kind == 'floating' else 'an'} {kind} "
+                       f"dtype as mem.meta.task={meta.task!r} requires, got "
+                       f"mem.{name}.dtype={arr.dtype}")
+  if str(mem.keys.dtype) != meta.dtype:
+    raise ValueError(f"mem.keys.dtype must be mem.meta.dtype={meta.dtype!r}, got "
+                     f"mem.keys.dtype={mem.keys.dtype}; rebuild the memory with "
+                     f"rm.build_memory, or update the meta with dataclasses.replace")
+
+
+def _unique_suffix() -> str:
+  """A random suffix, the same on every process (they all save to one directory)."""
+  token = np.frombuffer(uuid.uuid4().bytes[:8], np.uint32)
+  if jax.process_count() > 1:
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+  return "".join(f"{int(t):08x}" for t in token)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def save_memory(path: str | os.PathLike, mem: Memory, *, overwrite: bool = False) -> str:
   """Writes `mem` to the directory `path` (Orbax arrays + JSON metadata).
 
+  The memory is written to a sibling temporary directory first and renamed into
+  place, so a save that fails leaves nothing at `path`, and with `overwrite=True`
+  leaves the memory that was there before intact. Overwriting replaces only a
+  directory that holds a memory saved by `save_memory`: any other directory (or a
+  file) at `path` raises instead of being deleted.
+
   Args:
-    path: a directory that does not exist yet (or `overwrite=True`).
+    path: a directory that does not exist yet (or holds a saved memory, with
+      `overwrite=True`): a local path (`~` is expanded) or a cloud URL
+      (`gs://bucket/memory`). Missing parent directories are created.
     mem: the `Memory` to save; sharded arrays are written shard by shard.
-    overwrite: replace an existing directory.
+    overwrite: replace a memory already saved at `path`.
 
   Returns:
-    The absolute path written.
+    The path written: absolute for a local path, the URL as given for a cloud one.
 
   Raises:
     TypeError: `mem` is not a Memory.
-    ValueError: `path` exists and `overwrite` is False.
+    ValueError: the arrays of `mem` disagree with `mem.meta` (shapes, keys dtype);
+      `path` exists and `overwrite` is False; `path` is a file, or a directory that
+      does not hold a saved memory.
 
   Example:
     >>> rm.save_memory("/tmp/cifar_memory", mem)
     >>> mem = rm.load_memory("/tmp/cifar_memory", task="classification")
   """
   check_memory(mem)
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise ValueError(f"path already exists (pass overwrite=True to replace it), got "
-                     f"path={path!r}")
+  _check_arrays_match_meta(mem)
+  path = _resolve(path)
+  exists = path.exists()
+  if exists and not overwrite:
+    raise ValueError(f"path already exists (pass overwrite=True to replace a saved "
+                     f"memory), got path={os.fspath(path)!r}")
+  if exists and (not path.is_dir() or _saved_meta(path) is None):
+    what = ("a directory without one (no meta/metadata with a format_version)"
+            if path.is_dir() else "a file")
+    raise ValueError(f"overwrite=True replaces only a memory written by rm.save_memory, "
+                     f"and path is {what}; it is left alone: path={os.fspath(path)!r}")
+
   meta = dataclasses.asdict(mem.meta)
   meta["output_shape"] = list(meta["output_shape"])
   meta.update(format_version=FORMAT_VERSION, size=int(mem.size),
-              targets_dtype=str(mem.targets.dtype))
+              targets_dtype=str(mem.targets.dtype),
+              arrays={name: {"shape": list(getattr(mem, name).shape),
+                             "dtype": str(getattr(mem, name).dtype)} for name in _ARRAYS})
   arrays = {name: getattr(mem, name) for name in _ARRAYS}
-  _checkpointer().save(path, args=ocp.args.Composite(
-      arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=overwrite)
-  return path
+  suffix = _unique_suffix()
+  tmp = path.parent / f"{path.name}.tmp-{suffix}"
+  ckptr = _checkpointer()
+  threads_before = set(threading.enumerate())
+  try:
+    ckptr.save(tmp, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+  except BaseException:
+    # When one item fails, Orbax does not wait for the writes of the others, which go
+    # on in background threads; wait for them before removing the partial checkpoint
+    # (Orbax writes `<tmp>.orbax-checkpoint-tmp*` and renames it to `tmp` last).
+    ckptr.close()
+    _join_new_threads(threads_before, timeout=_CLEANUP_TIMEOUT_S)
+    if jax.process_index() == 0:
+      _remove_quietly([tmp, *path.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*")])
+    raise
+  ckptr.close()
+  if jax.process_index() == 0:
+    _move_into_place(tmp, path, old=path.parent / f"{path.name}.old-{suffix}")
+  _sync(f"resmem_save_memory_{suffix}")
+  return os.fspath(path)
+
+
+def _join_new_threads(before: set[threading.Thread], *, timeout: float) -> None:
+  """Waits (up to `timeout` seconds in all) for threads started since `before`."""
+  deadline = time.monotonic() + timeout
+  for thread in set(threading.enumerate()) - before:
+    thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _remove_quietly(paths) -> None:
+  """Deletes what exists of `paths`; a failure warns instead of hiding the save's error."""
+  for p in paths:
+    try:
+      if p.exists():
+        p.rmtree()
+    except Exception as e:  # pylint: disable=broad-except
+      warnings.warn(f"could not remove the partial save at {os.fspath(p)!r}: {e}")
+
+
+def _move_into_place(tmp: epath.Path, path: epath.Path, *, old: epath.Path) -> None:
+  """Renames `tmp` to `path`; a memory already at `path` is moved aside, then deleted."""
+  if not path.exists():
+    tmp.rename(path)
+    return
+  path.rename(old)
+  try:
+    tmp.rename(path)
+  except BaseException:
+    old.rename(path)  # Put the previous memory back.
+    raise
+  try:
+    old.rmtree()
+  except Exception as e:  # The new memory is in place; only the cleanup failed.
+    warnings.warn(f"the new memory is saved at {os.fspath(path)!r}, but the previous "
+                  f"one could not be deleted from {os.fspath(old)!r}: {e}")
 
 
 def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = None,
@@ -66,8 +223,12 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
                 n_outputs: int | None = None, fingerprint: str | None = None) -> Memory:
   """Reads a memory written by `save_memory`, optionally straight into a sharded layout.
 
+  Every array comes back with the shape and dtype it was saved with (bfloat16 keys stay
+  bfloat16). A float64 (or int64) array needs 64-bit JAX: loading one with
+  `jax_enable_x64` off raises rather than silently rounding it to 32 bits.
+
   Args:
-    path: the directory given to `save_memory`.
+    path: the directory given to `save_memory` (a local path or a cloud URL).
     sharding: optional `NamedSharding` whose spec splits rows, e.g.
       `NamedSharding(mesh, P("data"))`; every array is restored with its rows split
       that way (trailing axes replicated). None restores onto the default device.
@@ -78,44 +239,60 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
     The `Memory`.
 
   Raises:
-    ValueError: missing or foreign directory, an expectation that does not hold, a
+    ValueError: missing or foreign directory, an unknown format version, an
+      expectation that does not hold, a dtype JAX cannot hold in its current mode, a
       sharding whose spec does not split rows evenly.
 
   Example:
     >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
     >>> mem = rm.load_memory(path, sharding=NamedSharding(mesh, P("data")),
-    ...                      fingerprint=rm.model_fingerprint(params))
+    ...                      fingerprint=rm.model_fingerprint(variables))
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise ValueError(f"path must be a directory written by rm.save_memory, got path={path!r}")
+  path = _resolve(path)
+  shown = os.fspath(path)
+  if not path.is_dir():
+    raise ValueError(f"path must be a directory written by rm.save_memory, got path={shown!r}")
   ckptr = _checkpointer()
   try:
     raw = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # Orbax raises several types for a foreign directory.
-    raise ValueError(f"path does not hold a saved rm.Memory, got path={path!r}: {e}") from None
-  if raw.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"path does not hold a saved rm.Memory, got path={shown!r}: {e}") from None
+  if raw.get("format_version") not in _READABLE_VERSIONS:
     raise ValueError(f"path holds format_version={raw.get('format_version')!r}, this "
-                     f"version reads {FORMAT_VERSION}: path={path!r}")
-  meta = MemoryMeta(task=raw["task"], temperature=float(raw["temperature"]), dim=int(raw["dim"]),
-                    n_outputs=int(raw["n_outputs"]), output_shape=tuple(raw["output_shape"]),
-                    dtype=raw["dtype"], fingerprint=raw["fingerprint"])
+                     f"version reads {_READABLE_VERSIONS}: path={shown!r}")
+  task_saved = raw["task"]
+  meta = MemoryMeta(task=task_saved,
+                    temperature=1.0 if task_saved == "regression" else float(raw["temperature"]),
+                    dim=int(raw["dim"]), n_outputs=int(raw["n_outputs"]),
+                    output_shape=tuple(raw["output_shape"]), dtype=raw["dtype"],
+                    fingerprint=raw["fingerprint"])
   if task is not None and task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got task={task!r}")
   for name, want, have in (("task", task, meta.task), ("dim", dim, meta.dim),
                            ("n_outputs", n_outputs, meta.n_outputs),
                            ("fingerprint", fingerprint, meta.fingerprint)):
     if want is not None and want != have:
-      raise ValueError(f"the memory at {path!r} has {name}={have!r}, got {name}={want!r}")
+      raise ValueError(f"the memory at {shown!r} has {name}={have!r}, got {name}={want!r}")
 
   n, c = int(raw["size"]), meta.n_outputs
-  shapes = {"keys": ((n, meta.dim), meta.dtype), "residuals": ((n, c), "float32"),
-            "outputs": ((n, c), "float32"),
-            "targets": ((n,) if meta.task == "classification" else (n, c),
-                        raw["targets_dtype"])}
-  target = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype),
-                                       sharding=_row_sharding(sharding, len(shape), n))
-            for name, (shape, dtype) in shapes.items()}
+  if "arrays" in raw:
+    specs = {name: (tuple(raw["arrays"][name]["shape"]), raw["arrays"][name]["dtype"])
+             for name in _ARRAYS}
+  else:  # format_version 1: residuals and outputs were always float32.
+    specs = {"keys": ((n, meta.dim), meta.dtype), "residuals": ((n, c), "float32"),
+             "outputs": ((n, c), "float32"),
+             "targets": ((n,) if meta.task == "classification" else (n, c),
+                         raw["targets_dtype"])}
+  target = {}
+  for name, (shape, dtype) in specs.items():
+    dtype = jnp.dtype(dtype)
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+      raise ValueError(
+          f"the memory at {shown!r} stores {name} as {dtype.name}, which JAX holds only "
+          f"with 64-bit mode on; call jax.config.update('jax_enable_x64', True) before "
+          f"loading it (or save a {jax.dtypes.canonicalize_dtype(dtype).name} copy)")
+    target[name] = jax.ShapeDtypeStruct(shape, dtype,
+                                        sharding=_row_sharding(sharding, len(shape), n))
   arrays = ckptr.restore(path, args=ocp.args.Composite(
       arrays=ocp.args.StandardRestore(target)))["arrays"]
   return Memory(meta=meta, **{name: arrays[name] for name in _ARRAYS})

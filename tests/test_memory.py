@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,11 +63,96 @@ def test_build_memory_regression_stores_rows(shape):
   rng = np.random.default_rng(2)
   x = rng.normal(size=(25, 5)).astype(np.float32)
   y, f = rng.normal(size=(2,) + shape).astype(np.float32)
-  mem = rm.build_memory(x, y, f, task="regression")
+  mem = rm.build_memory(x, y, f, task="regression", temperature=3.0)
+  assert mem.meta.temperature == 1.0  # regression has no temperature: T is not stored
   assert mem.meta.output_shape == shape[1:]
   assert mem.meta.n_outputs == (shape[1] if len(shape) == 2 else 1)
   assert mem.residuals.shape == (25, mem.meta.n_outputs)
   np.testing.assert_allclose(mem.residuals.reshape(shape), y.astype(np.float64) - f, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300])
+def test_tiny_temperature_gives_the_one_hot_limit(temperature):
+  # Below float32's normal range T would flush to 0 (0 / 0 at the argmax): it is
+  # clamped, and the result is the T -> 0 limit, onehot(y) - onehot(argmax z).
+  x, y, z = _data()
+  want = np.eye(z.shape[1])[y] - np.eye(z.shape[1])[z.argmax(axis=1)]
+  np.testing.assert_array_equal(rm.residuals(y, z, temperature=temperature), want)
+  mem = rm.build_memory(x, y, z, temperature=temperature)
+  np.testing.assert_array_equal(mem.residuals, want)
+  assert np.isfinite(np.asarray(rm.predict(mem, x[:3], z[:3], k=2, sigma=0.5))).all()
+
+
+@pytest.mark.parametrize("temperature", [1e38, 1e300])
+def test_huge_temperature_gives_the_uniform_limit(temperature):
+  x, y, z = _data()
+  want = np.eye(z.shape[1])[y] - 1 / z.shape[1]
+  np.testing.assert_allclose(rm.build_memory(x, y, z, temperature=temperature).residuals,
+                             want, atol=1e-6)
+  z_inf = jnp.array([[1.0, 2.0, -jnp.inf]])
+  np.testing.assert_allclose(rm.base_prediction(z_inf, task="classification",
+                                                temperature=temperature), [[0.5, 0.5, 0]])
+
+
+def test_tempered_softmax_handles_infinite_logits():
+  z = jnp.array([[1.0, 2.0, -jnp.inf], [jnp.inf, jnp.inf, 0.0], [-jnp.inf, -jnp.inf, 0.0]])
+  got = rm.base_prediction(z, task="classification", temperature=1e-40)
+  np.testing.assert_array_equal(got, [[0, 1, 0], [0.5, 0.5, 0], [0, 0, 1]])
+
+
+def test_build_memory_takes_a_concrete_0d_temperature():
+  x, y, z = _data()
+  for t in (jnp.float32(2.0), np.float32(2.0), np.array(2.0)):
+    mem = rm.build_memory(x, y, z, temperature=t)
+    assert mem.meta.temperature == 2.0 and type(mem.meta.temperature) is float
+    np.testing.assert_allclose(mem.residuals, np.eye(4)[y] - _softmax64(z, 2.0), atol=1e-6)
+  with pytest.raises(TypeError, match="temperature"):
+    rm.build_memory(x, y, z, temperature=jnp.ones(2))
+
+
+def test_row_sharded_embeddings_give_a_row_sharded_memory_on_one_device_mesh():
+  x, y, z = _data()
+  mesh = jax.make_mesh((1,), ("data",))
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  mem = rm.build_memory(xs, y, z)  # labels and logits as NumPy
+  for name in ("residuals", "outputs", "targets"):
+    spec = getattr(mem, name).sharding.spec
+    assert spec[0] == "data" and all(a is None for a in spec[1:]), (name, spec)
+  np.testing.assert_array_equal(mem.residuals, rm.build_memory(x, y, z).residuals)
+
+
+# Two CPU devices need their own process: the device count is fixed when JAX starts.
+_SHARDED_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=2")
+import jax, numpy as np, resmem_jax as rm
+from jax.sharding import NamedSharding, PartitionSpec as P
+assert jax.device_count() == 2, jax.devices()
+mesh = jax.make_mesh((2,), ("data",))
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 4)).astype(np.float32)
+for task, y, z in (("classification", rng.integers(0, 3, 16), rng.normal(size=(16, 3))),
+                   ("regression", rng.normal(size=16).astype(np.float32),
+                    rng.normal(size=16))):
+  mem = rm.build_memory(jax.device_put(x, NamedSharding(mesh, P("data"))), y,
+                        z.astype(np.float32), task=task)
+  for name in ("keys", "residuals", "outputs", "targets"):
+    arr = getattr(mem, name)
+    assert len(arr.devices()) == 2, (task, name, arr.sharding)
+    assert arr.sharding.spec[0] == "data", (task, name, arr.sharding)
+    assert arr.addressable_shards[0].data.shape[0] == 8, (task, name, arr.sharding)
+  ref = rm.build_memory(x, y, z.astype(np.float32), task=task)
+  np.testing.assert_array_equal(mem.residuals, ref.residuals)
+print("SHARDED MEMORY OK")
+"""
+
+
+def test_row_sharded_embeddings_give_a_row_sharded_memory_on_two_cpu_devices():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert "SHARDED MEMORY OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_memory_is_a_pytree_with_static_meta():
@@ -90,7 +182,44 @@ def test_model_fingerprint_tracks_values_and_structure():
   assert fp == rm.model_fingerprint(jax.tree_util.tree_map(jnp.asarray, params))
   changed = {"dense": {"kernel": params["dense"]["kernel"] * 2, "bias": params["dense"]["bias"]}}
   assert rm.model_fingerprint(changed) != fp
-  assert rm.model_fingerprint({"other": params["dense"]}) != fp
+  assert rm.model_fingerprint({"other": params["dense"]}) != fp  # a key
+  reshaped = {"dense": {"kernel": params["dense"]["kernel"].reshape(2, 3),
+                        "bias": params["dense"]["bias"]}}
+  assert rm.model_fingerprint(reshaped) != fp  # same bytes, another shape
+  recast = {"dense": {"kernel": params["dense"]["kernel"].view(np.int32),
+                      "bias": params["dense"]["bias"]}}
+  assert rm.model_fingerprint(recast) != fp  # same bytes, another dtype
+  extra = {"params": params, "batch_stats": {"mean": np.zeros(2, np.float32)}}
+  assert rm.model_fingerprint(extra) != rm.model_fingerprint({"params": params})
+
+
+def test_model_fingerprint_ignores_the_container_type():
+  params = {"dense": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+  assert rm.model_fingerprint(flax.core.freeze(params)) == rm.model_fingerprint(params)
+  assert rm.model_fingerprint([np.ones(2)]) == rm.model_fingerprint((np.ones(2),))
+
+
+# Builds a TrainState (static apply_fn and tx: functions whose addresses differ between
+# processes) holding a FrozenDict of parameters, and prints its fingerprint.
+_FINGERPRINT_SCRIPT = """
+import numpy as np, optax, flax, resmem_jax as rm
+from flax.training.train_state import TrainState
+rng = np.random.default_rng(0)
+params = flax.core.freeze({"dense": {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
+                                     "bias": np.zeros(2, np.float32)}})
+state = TrainState.create(apply_fn=lambda *args: None, params=params, tx=optax.sgd(0.1))
+print(rm.model_fingerprint(state))
+"""
+
+
+def test_model_fingerprint_is_the_same_in_another_process():
+  here = io.StringIO()
+  with contextlib.redirect_stdout(here):
+    exec(_FINGERPRINT_SCRIPT, {})  # pylint: disable=exec-used
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  other = subprocess.run([sys.executable, "-c", _FINGERPRINT_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+  assert other.stdout.strip() == here.getvalue().strip(), other.stderr
 
 
 def _bad_build_cases():
@@ -126,6 +255,8 @@ def _bad_build_cases():
       (dict(task="regression", targets=yr, base_outputs=fr[:, None]), ValueError,
        "base_outputs.shape=(10, 1)"),
       (dict(task="regression", targets=y, base_outputs=fr), TypeError, "targets.dtype"),
+      (dict(task="regression", targets=np.zeros((10, 0), np.float32),
+            base_outputs=np.zeros((10, 0), np.float32)), ValueError, "M >= 1"),
       (dict(task="regression", targets=np.where(np.arange(10) == 4, np.nan, yr),
             base_outputs=fr), ValueError, "targets[4]=nan"),
   ], (x, y, z)

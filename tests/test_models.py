@@ -106,12 +106,18 @@ def test_small_cnn_depth_shapes_and_params(depth):
 def test_small_cnn_default_is_the_original_two_stage_network():
   # The default (depth 2) must keep its parameter names, hence its initialisation for a
   # seed, and compute conv-relu-pool twice, dense, head: published numbers rely on it.
+  # Flax draws each parameter from the seed folded with its path, so the same names and
+  # shapes (listed explicitly here) mean the same initialisation.
   model = models.SmallCNN(num_classes=10, width=2, embed_dim=8)
   assert model.depth == 2
   x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
   variables = model.init(jax.random.key(0), x)
-  explicit = models.SmallCNN(num_classes=10, width=2, embed_dim=8, depth=2)
-  jax.tree.map(np.testing.assert_array_equal, variables, explicit.init(jax.random.key(0), x))
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), variables) == {"params": {
+      "Conv_0": {"kernel": ((3, 3, 1, 2), jnp.float32), "bias": ((2,), jnp.float32)},
+      "Conv_1": {"kernel": ((3, 3, 2, 4), jnp.float32), "bias": ((4,), jnp.float32)},
+      "Dense_0": {"kernel": ((7 * 7 * 4, 8), jnp.float32), "bias": ((8,), jnp.float32)},
+      "head": {"kernel": ((8, 10), jnp.float32), "bias": ((10,), jnp.float32)},
+  }}
   p = variables["params"]
   h = x
   for name in ("Conv_0", "Conv_1"):
@@ -136,6 +142,22 @@ def test_embedding_is_the_head_input(model):
   head = variables["params"]["head"]
   np.testing.assert_allclose(logits, emb @ head["kernel"] + head["bias"][None], rtol=1e-5,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("model_cls", [models._ResNetTiny, models.SmallCNN])
+@pytest.mark.parametrize("dtype,want", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float32),
+                                        (jnp.float64, jnp.float64)])
+def test_outputs_are_at_least_float32_and_keep_float64(model_cls, dtype, want):
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 1))
+  jax.config.update("jax_enable_x64", True)
+  try:
+    model = model_cls(num_classes=3, dtype=dtype)
+    xj = jnp.asarray(x, dtype)
+    logits, emb = model.apply(model.init(jax.random.key(0), xj), xj)
+    assert (logits.dtype, emb.dtype) == (want, want)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  assert models.output_dtype(jnp.float64) == jnp.float32  # 64-bit JAX off
 
 
 def test_train_mode_updates_batch_stats():

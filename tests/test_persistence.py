@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import resmem_jax as rm
+from resmem_jax import persistence
 
 
 def _memory(task="classification", fingerprint="fp-1"):
@@ -69,3 +76,124 @@ def test_save_refuses_to_overwrite_and_load_refuses_foreign_dirs(tmp_path):
     rm.save_memory(tmp_path / "x", {"keys": 1})
   with pytest.raises(ValueError, match="splits rows"):
     rm.load_memory(path, sharding="data")
+
+
+def test_overwrite_replaces_only_a_saved_memory(tmp_path):
+  mem = _memory()
+  results = tmp_path / "my_experiment"
+  results.mkdir()
+  (results / "results.csv").write_text("precious\n")
+  with pytest.raises(ValueError, match="path is a directory without one"):
+    rm.save_memory(results, mem, overwrite=True)
+  assert (results / "results.csv").read_text() == "precious\n"
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  with pytest.raises(ValueError, match="already exists"):
+    rm.save_memory(afile, mem)
+  with pytest.raises(ValueError, match="path is a file"):
+    rm.save_memory(afile, mem, overwrite=True)
+  assert afile.read_text() == "x"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "my_experiment"]
+
+
+def test_overwrite_leaves_only_the_new_memory(tmp_path):
+  path = rm.save_memory(tmp_path / "mem", _memory(fingerprint="old"))
+  assert rm.save_memory(path, _memory(fingerprint="new"), overwrite=True) == path
+  assert rm.load_memory(path).meta.fingerprint == "new"
+  assert [p.name for p in tmp_path.iterdir()] == ["mem"]  # no temporary or old copies
+
+
+class _SaveThenFail(ocp.Checkpointer):
+  """Writes the whole checkpoint, then fails (as a full disk or a preemption would)."""
+
+  def save(self, *args, **kwargs):
+    super().save(*args, **kwargs)
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("failure", ["array_deleted", "after_writing"])
+def test_failed_overwrite_keeps_the_old_memory(tmp_path, monkeypatch, failure):
+  path = rm.save_memory(tmp_path / "mem", _memory(fingerprint="old"))
+  new = _memory(fingerprint="new")
+  if failure == "array_deleted":
+    new.keys.delete()  # Orbax fails while writing the arrays.
+    error = RuntimeError
+  else:
+    monkeypatch.setattr(persistence, "_checkpointer",
+                        lambda: _SaveThenFail(ocp.CompositeCheckpointHandler()))
+    error = OSError
+  with pytest.raises(error):
+    rm.save_memory(path, new, overwrite=True)
+  assert rm.load_memory(path).meta.fingerprint == "old"
+  assert [p.name for p in tmp_path.iterdir()] == ["mem"]  # the partial save is gone
+  with pytest.raises(error):
+    rm.save_memory(tmp_path / "fresh", new)
+  assert [p.name for p in tmp_path.iterdir()] == ["mem"]
+
+
+def test_arrays_keep_their_dtypes(tmp_path):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(8, 4)), jnp.bfloat16)
+  mem = rm.build_memory(x, rng.integers(0, 3, 8), rng.normal(size=(8, 3)).astype(np.float32))
+  mem = mem._replace(residuals=mem.residuals.astype(jnp.bfloat16))  # half the memory
+  loaded = rm.load_memory(rm.save_memory(tmp_path / "mem", mem))
+  assert loaded.meta == mem.meta
+  for name in ("keys", "residuals", "outputs", "targets"):
+    got, want = getattr(loaded, name), getattr(mem, name)
+    assert (got.dtype, got.shape) == (want.dtype, want.shape), name
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_float64_memory_needs_x64_to_load(tmp_path):
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(8, 4)) * 1e-9 + 1.0  # rows float32 cannot tell apart
+  jax.config.update("jax_enable_x64", True)
+  try:
+    mem = rm.build_memory(x, rng.integers(0, 3, 8), rng.normal(size=(8, 3)))
+    assert mem.keys.dtype == jnp.float64
+    path = rm.save_memory(tmp_path / "mem", mem)
+    loaded = rm.load_memory(path)
+    assert loaded.keys.dtype == jnp.float64
+    np.testing.assert_array_equal(loaded.keys, x)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  with pytest.raises(ValueError, match="stores keys as float64.*jax_enable_x64"):
+    rm.load_memory(path)
+
+
+def test_loads_format_version_1(tmp_path):
+  mem = _memory()
+  path = rm.save_memory(tmp_path / "mem", mem)
+  meta_file = tmp_path / "mem" / "meta" / "metadata"
+  raw = json.loads(meta_file.read_text())
+  del raw["arrays"]  # what version 1 wrote
+  meta_file.write_text(json.dumps(dict(raw, format_version=1)))
+  loaded = rm.load_memory(path)
+  assert loaded.meta == mem.meta
+  np.testing.assert_array_equal(loaded.residuals, mem.residuals)
+  meta_file.write_text(json.dumps(dict(raw, format_version=99)))
+  with pytest.raises(ValueError, match="format_version=99"):
+    rm.load_memory(path)
+
+
+def test_save_refuses_arrays_that_disagree_with_meta(tmp_path):
+  mem = _memory()
+  cases = [
+      (mem._replace(keys=mem.keys[:, :2]), r"mem.keys must be shaped \(64, 5\)"),
+      (mem._replace(residuals=mem.residuals[:10]), r"mem.residuals must be shaped \(64, 3\)"),
+      (mem._replace(targets=mem.targets.astype(jnp.float32)), "mem.targets must have an integer"),
+      (mem._replace(keys=mem.keys.astype(jnp.bfloat16)), "mem.keys.dtype must be"),
+  ]
+  for bad, message in cases:
+    with pytest.raises(ValueError, match=message):
+      rm.save_memory(tmp_path / "mem", bad)
+  assert not list(tmp_path.iterdir())
+
+
+def test_paths_expand_home_and_keep_cloud_urls(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert rm.save_memory("~/mem", _memory()) == str(tmp_path / "mem")
+  assert rm.load_memory("~/mem").meta.fingerprint == "fp-1"
+  monkeypatch.chdir(tmp_path)
+  assert rm.load_memory("mem").size == 64  # relative to the working directory
+  assert os.fspath(persistence._resolve("gs://bucket/memory")) == "gs://bucket/memory"
