@@ -51,6 +51,9 @@ def check_finite(name: str, x) -> None:
   finite_magnitude(name, x)
 
 
+_max_abs = jax.jit(lambda x: jnp.max(jnp.abs(x)))  # one compiled program per shape, not two
+
+
 def finite_magnitude(name: str, x) -> float | None:
   """max |x| (0.0 if empty, None under jit), raising as `check_finite` does.
 
@@ -65,7 +68,7 @@ def finite_magnitude(name: str, x) -> float | None:
     top = max(float(x.max()), -float(x.min()))
   else:
     with jax.ensure_compile_time_eval():
-      top = float(jnp.max(jnp.abs(x)))
+      top = float(_max_abs(x))
   if not np.isfinite(top):
     bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))[0]
     value = np.asarray(x)[tuple(bad)]

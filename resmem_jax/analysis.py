@@ -42,8 +42,15 @@ def per_class_gain(labels: np.ndarray, base_pred: np.ndarray, resmem_pred: np.nd
   Returns:
     {"count", "deepnet_accuracy", "resmem_accuracy", "gain"}: lists of length
     `num_classes` (None for a class absent from `labels`: null in JSON).
+
+  Raises:
+    ValueError: a label outside [0, num_classes).
   """
   labels, base_pred, resmem_pred = map(np.asarray, (labels, base_pred, resmem_pred))
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise ValueError(f"labels must lie in [0, {num_classes=}), got labels[{bad[0]}]="
+                     f"{labels[bad[0]]}")
   count = np.bincount(labels, minlength=num_classes)
   with np.errstate(invalid="ignore", divide="ignore"):
     base = np.bincount(labels, weights=base_pred == labels, minlength=num_classes) / count
@@ -72,6 +79,7 @@ def median_nn_distance(queries, keys) -> float:
     than half the queries coincide with a key), so that dividing by it is safe.
 
   Raises:
+    ValueError: no queries.
     ValueError, TypeError: from `rm.knn`, for arrays that are not (Q, D) and (N, D)
       floats with N >= 1.
 
@@ -85,6 +93,9 @@ def median_nn_distance(queries, keys) -> float:
   """
   from resmem_jax.kernels import knn  # pylint: disable=g-import-not-at-top
   nearest = knn(queries, keys, 1).distances[:, 0]
+  if nearest.shape[0] == 0:
+    raise ValueError("median_nn_distance needs at least one query, got queries.shape="
+                     f"{tuple(np.shape(queries))}")
   scale = float(np.median(np.asarray(nearest)))
   return scale if scale > 0 else 1.0
 

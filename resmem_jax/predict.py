@@ -24,7 +24,7 @@ from resmem_jax.kernels import sharded
 from resmem_jax.kernels.api import knn, query_bucket
 from resmem_jax.kernels.base import KnnResult
 from resmem_jax.memory import (Memory, base_prediction, check_memory, check_queries,
-                               check_temperature)
+                               check_temperature, safe_scale)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # Queries per search call when streaming a large query set; each chunk is padded to a
@@ -39,8 +39,8 @@ def neighbour_weights(distances: Float[Array, "Q k"], *, sigma) -> Float[Array, 
 
   The row minimum is subtracted first (softmax is shift-invariant), so the largest
   exponent is exactly 0: no overflow or underflow to an all-zero row for any distances
-  (inf included) and any sigma > 0 (`bandwidth` keeps a sigma below the float32 normal
-  range from flushing to 0). Weights are non-negative and sum to 1.
+  (inf included) and any sigma > 0 (`bandwidth` clamps sigma to [2^-126, 2^126], where
+  it and its reciprocal are normal float32s). Weights are non-negative and sum to 1.
 
   Args:
     distances: (Q, k) neighbour distances (any order).
@@ -69,13 +69,16 @@ def shift_to_nearest(distances: Float[Array, "... k"]) -> Float[Array, "... k"]:
 
 
 def bandwidth(sigma):
-  """sigma as float32, no smaller than the smallest normal float32 (~1.2e-38).
+  """sigma as float32, clamped to [2^-126, 2^126] (~1.2e-38 to ~8.5e37).
 
   A smaller sigma > 0 would be flushed to 0 and give the nearest neighbour 0 / 0; at
   the smallest normal the weights are already the sigma -> 0 limit (all weight on the
-  nearest, shared between exact ties) for any distances float32 tells apart.
+  nearest, shared between exact ties) for any distances float32 tells apart. XLA may
+  compute d / sigma as d * (1 / sigma), and beyond 2^126 that reciprocal is flushed to
+  0 (uniform weights, and inf * 0 = NaN for an overflowed distance); at 2^126 the
+  weights differ from sigma's only for distances above ~1e31.
   """
-  return jnp.maximum(jnp.asarray(sigma, jnp.float32), jnp.finfo(jnp.float32).tiny)
+  return safe_scale(sigma)
 
 
 def aggregate_residuals(residuals: Float[Array, "N C"], indices: Int[Array, "Q k"],
@@ -208,8 +211,10 @@ def predict(mem: Memory, embeddings: Float[Array, "Q D"], base_outputs: Float[Ar
     w_j = exp(-d_j / sigma) / sum_{l in N_k(x)} exp(-d_l / sigma),  d_j = ||phi(x) - phi(x_j)||
 
   over the k exact nearest keys (ties: lower memory index first). Queries are padded
-  to size buckets (a new batch size inside a bucket does not recompile) and streamed
-  through the search `query_chunk` at a time. Changing `sigma` never recompiles.
+  to size buckets (a new batch size inside a bucket reuses the compiled search and
+  combination; only the small input checks and slices compile for a new size) and
+  streamed through the search `query_chunk` at a time. Changing `sigma` never
+  recompiles.
 
   Args:
     mem: a `Memory` from `build_memory` or `load_memory`.

@@ -8,11 +8,13 @@ search. The same neighbours give the baselines:
 
   deepnet:  the base model alone,    softmax(z / T)            | f(x)
   knn:      soft kNN on embeddings,  sum_j w_j onehot(y_j)     | sum_j w_j y_j
-  knn_lm:   kNN-LM interpolation,    lam p_kNN + (1 - lam) softmax(z / T)
+  knn_lm:   kNN-LM-style mixture,    lam p_kNN + (1 - lam) softmax(z / T)
   resmem:   softmax(z / T) + sum_j w_j r_j(T)                  | f(x) + sum_j w_j r_j
 
 with r_j(T) = onehot(y_j) - softmax(z_j / T) and w = softmax(-d / sigma) over the k
-nearest. Since sum_j w_j r_j(T) = p_kNN - sum_j w_j softmax(z_j / T), the label part
+nearest. (Khandelwal et al.'s kNN-LM weighs neighbours by exp(-d^2); here every kNN
+method shares ResMem's weights, so the baselines differ from ResMem in what they
+average, not in how they weigh.) Since sum_j w_j r_j(T) = p_kNN - sum_j w_j softmax(z_j / T), the label part
 is shared by every T, and a prefix of the neighbours is shared by every k: each
 (sigma, T) costs one pass over the (k_max, C) gathered rows of a query, whatever
 the number of k.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import resmem_jax as rm
+from resmem_jax.kernels import api as knn_api
 from resmem_jax.predict import _combine
 
 
@@ -97,16 +98,26 @@ def test_weights_at_the_edges_of_float32():
   np.testing.assert_array_equal(w, np.full((1, 4), 0.25))
 
 
-def test_tiny_temperature_gives_the_argmax_not_nan():
-  mem, _, _, _, xq, zq = _classification(t=1e-12)
+@pytest.mark.parametrize("t", [1e-12, 1e-40, 1e-300])  # 1e-40: subnormal; 1e-300: 0 in f32
+def test_tiny_temperature_gives_the_argmax_not_nan(t):
+  mem, _, _, _, xq, zq = _classification(t=t)
   zq = 1e3 * zq
   for task_scores in (rm.predict(mem, xq, zq, k=5, sigma=0.5),
                       jax.jit(lambda m, e, z: rm.predict(m, e, z, k=5, sigma=0.5))(mem, xq, zq)):
     assert np.all(np.isfinite(np.asarray(task_scores)))
   base = np.asarray(jax.jit(rm.base_prediction, static_argnames="task")(
-      zq, task="classification", temperature=1e-12))
+      zq, task="classification", temperature=t))
   np.testing.assert_array_equal(base, np.eye(zq.shape[1])[zq.argmax(axis=1)])
   assert np.all(np.isfinite(np.asarray(mem.residuals)))
+
+
+def test_huge_sigma_acts_as_the_largest_safe_bandwidth():
+  """Beyond 2^126, 1 / sigma would flush to 0 (uniform weights, inf * 0 = NaN)."""
+  d = np.array([[1e38, 2e38, np.inf]], np.float32)
+  for sigma in (3e38, 1e300):
+    w = np.asarray(rm.neighbour_weights(d, sigma=sigma))
+    np.testing.assert_allclose(w, np.asarray(rm.neighbour_weights(d, sigma=2.0 ** 126)))
+    assert np.all(np.isfinite(w)) and w[0, 2] == 0.0 and w[0, 0] > w[0, 1]
 
 
 def test_predict_under_jit_with_a_closed_over_memory():
@@ -193,13 +204,16 @@ def test_drop_excluded_matches_numpy_order():
   np.testing.assert_array_equal(kept.indices, want_idx)
 
 
-def test_batch_sizes_inside_a_bucket_and_new_sigma_do_not_recompile():
+@pytest.mark.parametrize("as_jax", [False, True])
+def test_batch_sizes_inside_a_bucket_and_new_sigma_do_not_recompile(as_jax):
   mem, _, _, _, xq, zq = _classification(q=120)
+  if as_jax:  # what a Flax model hands over
+    xq, zq = jnp.asarray(xq), jnp.asarray(zq)
   rm.predict(mem, xq[:100], zq[:100], k=4, sigma=1.0)
-  before = _combine._cache_size()
+  before = _combine._cache_size(), knn_api._knn_padded._cache_size()
   rm.predict(mem, xq[:110], zq[:110], k=4, sigma=0.2)  # 100 and 110 share the bucket 112
   rm.predict(mem, xq[:97], zq[:97], k=4, sigma=7.0)
-  assert _combine._cache_size() == before
+  assert (_combine._cache_size(), knn_api._knn_padded._cache_size()) == before
 
 
 def test_streamed_chunks_equal_one_search():
