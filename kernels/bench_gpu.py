@@ -179,8 +179,9 @@ def pallas_support(config: Config, backend: str) -> str | None:
   if pallas_knn.is_supported(k=m, dim=config.d, dtype=jnp.float32, platform=backend):
     return None
   limit = pallas_knn.max_k(pallas_knn.backend_for(backend), "l2")
+  max_dim = pallas_knn.GPU_MAX_DIM if backend == "gpu" else pallas_knn.TPU_MAX_DIM
   return (f"k + margin = {m}, d = {config.d}: beyond the {backend} kernel "
-          f"(k <= {limit}, d <= {pallas_knn.GPU_MAX_DIM if backend == 'gpu' else pallas_knn.TPU_MAX_DIM})")
+          f"(k <= {limit}, d <= {max_dim})")
 
 
 def parse_tiles(text: str) -> list[BlockSizes]:

@@ -507,9 +507,8 @@ def _triton_pairs_kernel(q_ref, x_ref, x_sq_ref, first_ref, second_ref, *, n: in
   dots = lax.fori_loop(0, dim_p // step, accumulate,
                        jnp.zeros((block_n, block_q), jnp.float32))
   x_sq = pltriton.load(x_sq_ref.at[pl.ds(start, block_n), :], mask=valid, other=0.0)
-  largest = float(jnp.finfo(jnp.float32).max)
-  scores = jnp.where(valid, jnp.clip(x_sq - 2.0 * dots, -largest, largest), largest)
-  tagged = (xla.ordered(scores) & ~(chunk - 1)) | (rows & (chunk - 1))
+  scores = jnp.where(valid, x_sq - 2.0 * dots, float(jnp.finfo(jnp.float32).max))
+  tagged = xla.tag_positions(scores, rows & (chunk - 1), chunk)
   tagged = tagged.reshape(block_n // chunk, chunk, block_q)
   first = jnp.min(tagged, axis=1)
   first_ref[...] = first

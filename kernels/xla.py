@@ -107,7 +107,8 @@ def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
       x_sq = None if key_sq is None else jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
       return None, tile_minima(x, x_sq)
 
-    _, minima = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))  # (T, block_n / chunk, bq)
+    # minima: (T, block_n / chunk, bq)
+    _, minima = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))
     parts.append(minima.reshape(-1, bq))
   if n % block_n:
     start = n_full * block_n
@@ -149,6 +150,15 @@ def from_ordered(keys: Int[Array, "..."]) -> Float[Array, "..."]:
   return jax.lax.bitcast_convert_type(_flip(keys), jnp.float32)
 
 
+def tag_positions(scores: Float[Array, "..."], positions: Int[Array, "..."], chunk: int
+                  ) -> Int[Array, "..."]:
+  """Ordered int32 keys of `scores` whose last log2(chunk) bits hold `positions` (each
+  < chunk). Scores are clipped to the finite floats first: a tagged infinity would
+  read as NaN."""
+  largest = jnp.finfo(scores.dtype).max
+  return (ordered(jnp.clip(scores, -largest, largest)) & ~(chunk - 1)) | positions
+
+
 def _tile_pairs(scores: Float[Array, "n bq"], chunk: int
                 ) -> tuple[Int[Array, "c bq"], Int[Array, "c bq"]]:
   """Per chunk of `chunk` rows: the smallest tagged score m1 and the second smallest m2.
@@ -160,13 +170,11 @@ def _tile_pairs(scores: Float[Array, "n bq"], chunk: int
   floats (a tagged infinity would read as NaN), and the ragged last chunk is padded
   with the largest one.
   """
-  largest = jnp.finfo(scores.dtype).max
-  scores = jnp.clip(scores, -largest, largest)
   pad = -scores.shape[0] % chunk
   if pad:
-    scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=largest)
-  tagged = ordered(scores).reshape(-1, chunk, scores.shape[1])
-  tagged = (tagged & ~(chunk - 1)) | jnp.arange(chunk, dtype=jnp.int32)[None, :, None]
+    scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=jnp.finfo(scores.dtype).max)
+  tagged = tag_positions(scores.reshape(-1, chunk, scores.shape[1]),
+                         jnp.arange(chunk, dtype=jnp.int32)[None, :, None], chunk)
   lows = [tagged[:, j] for j in range(chunk)]
   highs = [None] * chunk
   while len(lows) > 1:

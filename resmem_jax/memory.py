@@ -260,15 +260,14 @@ def build_memory(embeddings: Float[Array, "N D"],
   meta = MemoryMeta(task=task, temperature=temperature, dim=int(dim),
                     n_outputs=int(outputs.shape[1]), output_shape=output_shape,
                     dtype=str(keys.dtype), fingerprint=fingerprint)
-  row_sharding = sharded.row_axes(keys)
-  if row_sharding is not None:
+  placement = sharded.placement(keys)  # (mesh, row axes) of row-split keys, else None
+  if placement is not None:
     # Labels and logits often come as NumPy; left alone they (and so the residuals)
     # would sit whole on one device next to row-split keys.
-    mesh = keys.sharding.mesh
-    targets, outputs = (_put_rows(x, mesh, row_sharding) for x in (targets, outputs))
+    targets, outputs = (_put_rows(x, *placement) for x in (targets, outputs))
   res = _residuals_jit(targets, outputs, task=task, temperature=temperature)
-  if row_sharding is not None:
-    res = _put_rows(res, mesh, row_sharding)
+  if placement is not None:
+    res = _put_rows(res, *placement)
   return Memory(keys=keys, residuals=res, outputs=outputs, targets=targets, meta=meta)
 
 

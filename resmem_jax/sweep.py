@@ -14,10 +14,10 @@ search. The same neighbours give the baselines:
 with r_j(T) = onehot(y_j) - softmax(z_j / T) and w = softmax(-d / sigma) over the k
 nearest. (Khandelwal et al.'s kNN-LM weighs neighbours by exp(-d^2); here every kNN
 method shares ResMem's weights, so the baselines differ from ResMem in what they
-average, not in how they weigh.) Since sum_j w_j r_j(T) = p_kNN - sum_j w_j softmax(z_j / T), the label part
-is shared by every T, and a prefix of the neighbours is shared by every k: each
-(sigma, T) costs one pass over the (k_max, C) gathered rows of a query, whatever
-the number of k.
+average, not in how they weigh.) Since
+sum_j w_j r_j(T) = p_kNN - sum_j w_j softmax(z_j / T), the label part is shared by every
+T, and a prefix of the neighbours is shared by every k: each (sigma, T) costs one pass
+over the (k_max, C) gathered rows of a query, whatever the number of k.
 
 Reference: Yang et al., "ResMem: Learn what you can and memorize the rest",
 NeurIPS 2023, section 5 (tuning on a validation split); Khandelwal et al.,

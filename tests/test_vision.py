@@ -140,7 +140,8 @@ def test_per_class_gain_of_an_absent_class_is_null_in_strict_json(tmp_path):
 
 
 def test_analysis_inputs_are_checked():
-  with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=2\), got labels\[1\]=3"):
+  with pytest.raises(ValueError,
+                     match=r"labels must lie in \[0, num_classes=2\), got labels\[1\]=3"):
     analysis.per_class_gain(np.array([0, 3]), np.array([0, 1]), np.array([0, 1]), 2)
   with pytest.raises(ValueError, match="labels must lie in"):
     analysis.per_class_gain(np.array([-1, 0]), np.array([0, 1]), np.array([0, 1]), 2)
