@@ -14,6 +14,7 @@ from jaxtyping import Array, Float, Int
 
 from resmem_jax import _validation as v
 from resmem_jax.kernels import sharded
+from resmem_jax.kernels import xla as _xla
 from resmem_jax.kernels.base import BlockSizes, KnnResult
 from resmem_jax.kernels.direct import knn_direct
 from resmem_jax.kernels.reference import knn_reference
@@ -153,11 +154,12 @@ def n_candidates(k: int, n: int, metric: str) -> int:
   return min(n, k + candidate_margin(k))
 
 
-def _tags_scores(implementation: str, k: int, metric: str, block_sizes: BlockSizes | None
-                 ) -> bool:
-  """Whether `implementation` may rank by position-tagged scores (paired minima)."""
+def _tags_scores(implementation: str, k: int, n: int, dim: int, dtype, metric: str,
+                 block_sizes: BlockSizes | None) -> bool:
+  """Whether `implementation` ranks a k-search over n keys by position-tagged scores
+  (paired minima); the same decision the implementation itself takes."""
   if implementation == "xla":
-    return True
+    return _xla.tiling(k, n, dim, dtype, metric, block_sizes)[1]
   if implementation == "pallas":
     backend = _pallas_knn.backend_for(_platform())
     return _pallas_knn.uses_pairs(backend, k, metric, block_sizes)
@@ -228,7 +230,8 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   # Paired minima (the XLA path's, the GPU kernel's) tag the ranking scores, moving
   # them by up to PACKED_ULPS units in the last place (kernels/xla.py): twice that
   # joins the bound.
-  tagged_ulps = PACKED_ULPS if _tags_scores(implementation, n_cand, metric, block_sizes) else 0
+  tags = _tags_scores(implementation, n_cand, n, dim, k_rank.dtype, metric, block_sizes)
+  tagged_ulps = PACKED_ULPS if tags else 0
   gamma = (4.0 * (dim + 2) / 2 + 2.0 * tagged_ulps) * float(jnp.finfo(scores.dtype).eps)
   radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)

@@ -364,6 +364,23 @@ def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
   return _exact_tile(q, keys, key_sq, chunk_ids, chunk)
 
 
+def tiling(k: int, n: int, dim: int, dtype, metric: str, block_sizes: BlockSizes | None
+           ) -> tuple[BlockSizes, bool]:
+  """The tiling `knn_xla` runs a k-search over n keys with, and whether it ranks by
+  paired minima, whose scores carry a position tag (`PACKED_ULPS`; the certificate
+  in `api.search_certified` widens its bound for them, and only for them).
+
+  Paired minima tag float32 l2 scores only: ip keeps its scores untouched (they are
+  its distances), and a search that does not prune (no chunk, or k chunks already
+  covering every key) ranks the scores as they are.
+  """
+  pairs_ok = metric == "l2" and jnp.dtype(dtype) == jnp.float32
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(k, dim, n if pairs_ok else None)
+  chunk = block_sizes.chunk
+  return block_sizes, bool(pairs_ok and block_sizes.pairs and chunk and k * chunk < n)
+
+
 def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
             metric: str = "l2", block_sizes: BlockSizes | None = None
             ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"]]:
@@ -374,12 +391,7 @@ def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   """
   n_q = queries.shape[0]
   n = keys.shape[0]
-  # Paired minima tag float32 ranking scores; ip keeps its scores untouched (they are
-  # its distances).
-  pairs_ok = metric == "l2" and keys.dtype == jnp.float32
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default(k, queries.shape[1], n if pairs_ok else None)
-  pairs = pairs_ok and block_sizes.pairs
+  block_sizes, pairs = tiling(k, n, queries.shape[1], keys.dtype, metric, block_sizes)
   chunk = block_sizes.chunk
   block_n = min(block_sizes.block_n, n)
   if chunk:  # a key tile holds whole chunks

@@ -366,10 +366,18 @@ def model_fingerprint(variables: Any) -> str:
 
 def check_memory(mem: Any, *, task: str | None = None,
                  fingerprint: str | None = None) -> Memory:
-  """Raises unless `mem` is a Memory (of `task`, with `fingerprint`, when given)."""
+  """Raises unless `mem` is a non-empty Memory whose arrays are what its meta says (of
+  `task`, with `fingerprint`, when given).
+
+  A `Memory` is a NamedTuple: `mem._replace(residuals=...)` or a `jax.tree.map` can
+  leave a meta behind that no longer describes the arrays. A search over such keys, or
+  a gather from residuals with fewer rows than keys (which JAX clamps silently), would
+  return garbage; shapes and dtype kinds are static, so this check is free.
+  """
   if not isinstance(mem, Memory):
     raise TypeError(f"mem must be a rm.Memory (from rm.build_memory or rm.load_memory), "
                     f"got {type(mem).__name__}")
+  _check_arrays_match_meta(mem)
   if task is not None:
     v.check_choice("task", task, TASKS)
     if task != mem.meta.task:
@@ -378,6 +386,30 @@ def check_memory(mem: Any, *, task: str | None = None,
     raise ValueError(f"mem was built from a base model with fingerprint="
                      f"{mem.meta.fingerprint!r}, got fingerprint={fingerprint!r}")
   return mem
+
+
+def _check_arrays_match_meta(mem: Memory) -> None:
+  meta, c = mem.meta, mem.meta.n_outputs
+  n = mem.keys.shape[0] if mem.keys.ndim else 0
+  want = {"keys": ((n, meta.dim), "floating"), "residuals": ((n, c), "floating"),
+          "outputs": ((n, c), "floating"),
+          "targets": (((n,), "integer") if meta.task == "classification"
+                      else ((n, c), "floating"))}
+  for name, (shape, kind) in want.items():
+    arr = getattr(mem, name)
+    if tuple(arr.shape) != shape:
+      raise ValueError(f"mem.{name} must be shaped {shape} as mem.meta describes (N={n}, "
+                       f"dim={meta.dim}, n_outputs={c}, task={meta.task!r}), got "
+                       f"mem.{name}.shape={tuple(arr.shape)}; rebuild it with "
+                       f"rm.build_memory")
+    family = jnp.floating if kind == "floating" else jnp.integer
+    if not jnp.issubdtype(arr.dtype, family):
+      raise ValueError(f"mem.{name} must have {'a' if kind == 'floating' else 'an'} {kind} "
+                       f"dtype as mem.meta.task={meta.task!r} requires, got "
+                       f"mem.{name}.dtype={arr.dtype}")
+  if n == 0:
+    raise ValueError("mem is empty (N=0 rows): a memory needs at least one point; "
+                     "rebuild it with rm.build_memory")
 
 
 def check_queries(mem: Memory, embeddings, base_outputs, *, emb_name: str = "embeddings",

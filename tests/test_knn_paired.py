@@ -93,6 +93,21 @@ def test_default_pairs_where_few_chunks_are_crowded():
   assert not BlockSizes.get_default(14, 128, 100_000).pairs  # small k: under 5% to gain
 
 
+def test_certificate_widens_its_bound_only_where_the_search_tags_scores():
+  f32 = jnp.float32
+  def tags(k, n, dtype=f32, metric="l2", block_sizes=None):
+    tagged = xla.tiling(k, n, 128, dtype, metric, block_sizes)[1]
+    assert api._tags_scores("xla", k, n, 128, dtype, metric, block_sizes) == tagged
+    return tagged
+  assert tags(106, 100_000)
+  assert not tags(106, 100_000, metric="ip")
+  assert not tags(106, 100_000, dtype=jnp.float64)
+  assert not tags(14, 100_000)  # default tiles for small k: unpaired
+  assert tags(5, 3001, block_sizes=PAIRED)
+  assert not tags(5, 5 * PAIRED.chunk, block_sizes=PAIRED)  # k chunks hold every key
+  assert not tags(5, 3001, block_sizes=BlockSizes(chunk=0))  # no pruning
+
+
 # --------------------------------------------------------------------------------------
 # The search, in its three regimes.
 

@@ -333,14 +333,15 @@ def test_triton_pairs_with_few_keys_run_the_xla_search():
 
 def test_certificate_allows_for_the_pairs_tag(monkeypatch):
   """The pairs kernel ranks by tagged scores: the certificate's bound must say so."""
-  assert not api._tags_scores("pallas", 100, "l2", None)  # CPU: the TPU kernel
+  def tags(implementation, k, metric, block_sizes):
+    return api._tags_scores(implementation, k, 100_000, 64, jnp.float32, metric, block_sizes)
+  assert not tags("pallas", 100, "l2", None)  # CPU: the TPU kernel
   monkeypatch.setattr(pk, "backend_for", lambda platform: "triton")
-  assert api._tags_scores("pallas", 100, "l2", None)
-  assert api._tags_scores("pallas", 10, "l2", PAIR_TILES)
-  assert not api._tags_scores("pallas", 10, "l2", None)  # the rounds kernel
-  assert not api._tags_scores("pallas", 10, "ip", PAIR_TILES)
-  assert api._tags_scores("xla", 10, "l2", None)
-  assert not api._tags_scores("reference", 10, "l2", None)
+  assert tags("pallas", 100, "l2", None)
+  assert tags("pallas", 10, "l2", PAIR_TILES)
+  assert not tags("pallas", 10, "l2", None)  # the rounds kernel
+  assert not tags("pallas", 10, "ip", PAIR_TILES)
+  assert not tags("reference", 10, "l2", None)
 
 
 # --------------------------------------------------------------------------------------

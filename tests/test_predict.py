@@ -272,6 +272,25 @@ def test_predict_rejects_bad_input(case):
   assert fragment in str(info.value), str(info.value)
 
 
+def test_predict_rejects_a_memory_whose_arrays_disagree_with_its_meta():
+  """Before this check, residuals with fewer rows than keys were gathered with clamped
+  indices and gave plausible-looking scores."""
+  mem, _, _, _, xq, zq = _classification()
+  rows = ("keys", "residuals", "outputs", "targets")
+  cases = [
+      (mem._replace(residuals=mem.residuals[:10]), r"mem.residuals must be shaped \(300, 6\)"),
+      (mem._replace(outputs=mem.outputs[:, :5]), r"mem.outputs must be shaped \(300, 6\)"),
+      (mem._replace(keys=mem.keys[:, :3]), r"mem.keys must be shaped \(300, 8\)"),
+      (mem._replace(targets=mem.targets.astype(jnp.float32)), "mem.targets must have an integer"),
+      (mem._replace(**{name: getattr(mem, name)[:0] for name in rows}), "mem is empty"),
+  ]
+  for bad, message in cases:
+    with pytest.raises(ValueError, match=message):
+      rm.predict(bad, xq[:4], zq[:4], k=3, sigma=1.0)
+  rm.predict(mem._replace(residuals=mem.residuals.astype(jnp.bfloat16)), xq[:4], zq[:4], k=3,
+             sigma=1.0)  # another float dtype is fine
+
+
 def test_regression_memory_rejects_classification_shaped_outputs():
   rng = np.random.default_rng(8)
   x = rng.normal(size=(20, 3)).astype(np.float32)
