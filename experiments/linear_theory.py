@@ -3,7 +3,7 @@ r"""ResMem on the stylized linear regression: risk curves against n, L and noise
 Draws the three figures of `resmem_jax.theory` (see its docstring for the maths) and
 writes them with the numbers to --workdir:
 
-  results.json            {"config", "curves": [...], "seconds", "backend"}
+  results.json            {"config", "curves": [...], "seconds", "backend", "jax", "hardware"}
   risk_vs_n.png           figure 1: base and ResMem risk against n, d in {2, 3, 4, 8}
   risk_vs_capacity.png    figure 2: risk against the base model's norm bound L
   noise.png               figure 3: noisy labels, k = 1 against k growing with n
@@ -71,8 +71,7 @@ def main(argv=None) -> int:
       continue
     last = len(c["n"]) - 1
     print(f"{c['figure']:>9} d={c['d']} k={c['k'] or 'growing'} noise={c['noise']:g}: "
-          f"ResMem slope {c['resmem_slope_fit']:+.3f} ± {c['resmem_slope_fit_std']:.3f} "
-          f"(theory {c['resmem_slope_theory']:+.3f}, n >= {c['slope_fit_n'][0]}); "
+          f"ResMem slope {theory.slope_text(c)} (n >= {c['slope_fit_n'][0]}); "
           f"base risk at n={c['n'][last]}: {c['base_risk'][last]:.4g} "
           f"(limit {c['base_risk_theory']:.4g})")
   print(f"wrote {args.workdir} in {time.perf_counter() - start:.1f} s")

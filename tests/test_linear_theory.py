@@ -62,8 +62,7 @@ def test_resmem_slope_matches_theory(quick_results):
 def test_resmem_below_base_at_every_n(quick_results):
   for d, c in _fig1(quick_results).items():
     for n, base, res in zip(c["n"], c["base_risk"], c["resmem_risk"]):
-      if n >= 100:
-        assert res < base, (d, n)
+      assert res < base, (d, n)
     # Per seed as well, not only on average.
     assert np.all(np.asarray(c["resmem_risk_per_seed"]) < np.asarray(c["base_risk_per_seed"]))
 
@@ -151,6 +150,30 @@ def test_constrained_least_squares_rejects_a_bad_radius(radius):
     theory.constrained_least_squares(x, y, radius)
 
 
+def test_constrained_least_squares_rejects_misshaped_or_bad_data():
+  x, y = jnp.ones((3, 2)), jnp.ones(3)
+  cases = [
+      (dict(y=jnp.ones((3, 1))), ValueError, r"y.shape=\(3, 1\)"),  # was a (2, 2) "theta"
+      (dict(y=jnp.ones(4)), ValueError, r"y.shape=\(4,\)"),
+      (dict(x=jnp.ones(3)), ValueError, r"x.shape=\(3,\)"),
+      (dict(y=jnp.array([1.0, jnp.nan, 0.0])), ValueError, r"y\[1\]=nan"),
+      (dict(x=jnp.ones((3, 2), jnp.int32)), TypeError, "x.dtype=int32"),
+      (dict(n_rows=4), ValueError, "n_rows"),
+  ]
+  for overrides, error, message in cases:
+    kwargs = dict(x=x, y=y, radius=1.0) | overrides
+    with pytest.raises(error, match=message):
+      theory.constrained_least_squares(**kwargs)
+
+
+def test_simulate_trials_rejects_negative_scales():
+  for name in ("theta_norm", "noise", "radius"):
+    kwargs = dict(theta_norm=1.0, noise=0.0, radius=0.5) | {name: -0.5}
+    with pytest.raises(ValueError, match=f"{name}=-0.5"):
+      theory.simulate_trials(theory.seed_keys(0, 2, d=3), n_grid=(10,), n_test=5, d=3,
+                             domain="sphere", **kwargs)
+
+
 def test_simulate_trials_fits_every_prefix_and_vmaps_over_seeds():
   n_grid = (10, 25, 60)
   trials = theory.simulate_trials(theory.seed_keys(0, 2, d=3), n_grid=n_grid, n_test=50,
@@ -217,9 +240,45 @@ def test_fit_slope_and_growing_k():
   n = np.array([100, 1000, 10_000])
   assert theory.fit_slope(n, 3.0 * n**-0.75) == pytest.approx(-0.75)
   assert [theory.growing_k(n, m=2) for n in (100, 10_000)] == [10, 100]
-  assert theory.resmem_slope_theory(domain="sphere", d=3, noise=0.2, k_rule="growing") == -0.5
-  cube = theory.resmem_slope_theory(domain="cube", d=3, noise=0.0, k_rule="fixed")
-  assert cube == pytest.approx(-2 / 3)
+  slope = theory.resmem_slope_theory
+  assert slope(domain="sphere", d=3, noise=0.2, k_rule="growing") == -0.5  # sigma^2 / k_n
+  assert slope(domain="sphere", d=3, noise=0.0, k_rule="growing") == -1.0  # r_k^2 / k
+  assert slope(domain="cube", d=3, noise=0.0, k_rule="growing") is None
+  assert slope(domain="sphere", d=3, noise=0.2, k_rule="fixed") == 0.0
+  assert slope(domain="cube", d=3, noise=0.0, k_rule="fixed") == pytest.approx(-2 / 3)
+  assert slope(domain="gaussian", d=3, noise=0.0, k_rule="fixed") == pytest.approx(-2 / 3)
+  for d in (1, 2):  # E[D_n^2] is not a power of n: the tails' integral diverges
+    assert slope(domain="gaussian", d=d, noise=0.0, k_rule="fixed") is None
+
+
+def _noise_spec(**overrides):
+  spec = theory.CurveSpec("noise", domain="sphere", d=3, radius=0.5, theta_norm=1.0,
+                          noise=0.2, n=(1000,), k_rule="fixed", k=1, sigma=None,
+                          slope_fit_min_n=None)
+  return spec._replace(**overrides)
+
+
+def test_noisy_labels_one_neighbour_keeps_the_noise_growing_k_averages_it():
+  """Figure 3's numbers: with k = 1 the risk is sigma^2 + the noiseless term (exactly
+  the theory curve); k_n = ceil(sqrt(n)) neighbours divide the noise by k_n."""
+  one = theory.evaluate_curve(_noise_spec(), seed=0, num_seeds=4, n_test=2000)
+  assert one["resmem_risk_theory"][0] > 0.2**2
+  assert one["resmem_risk"][0] == pytest.approx(one["resmem_risk_theory"][0], rel=0.05)
+  grow = theory.evaluate_curve(_noise_spec(k_rule="growing", k=None), seed=0, num_seeds=4,
+                               n_test=2000)
+  assert grow["k_per_n"] == [32] and grow["noise_floor"] == [pytest.approx(0.2**2 / 32)]
+  # The variance term dominates; the linear residual's bias adds under half of it.
+  assert grow["noise_floor"][0] <= grow["resmem_risk"][0] < 1.5 * grow["noise_floor"][0]
+
+
+def test_growing_k_without_noise_falls_as_n_to_the_minus_4_over_m_plus_2():
+  """The k neighbours' offsets cancel to first order: risk ~ r_k^2 / k = n^{-4/(m+2)}
+  (m = 2: slope -1), not the -2/(m+2) of a worst-case Lipschitz residual."""
+  curve = theory.evaluate_curve(
+      _noise_spec(noise=0.0, n=(300, 1000, 3000), k_rule="growing", k=None,
+                  slope_fit_min_n=300), seed=0, num_seeds=4, n_test=2000)
+  assert curve["resmem_slope_theory"] == -1.0 and curve["noise_floor"] is None
+  assert curve["resmem_slope_fit"] == pytest.approx(-1.0, abs=0.2)
 
 
 # ---------------------------------------------------------------------- config
@@ -234,6 +293,11 @@ def test_bad_config_raises_naming_the_setting():
   config.risk_vs_n.radius = -1.0
   with pytest.raises(ValueError, match="risk_vs_n.radius"):
     theory.plan(config)
+  for section in ("risk_vs_n", "noise"):  # L >= ||theta*||: nothing left to memorize
+    config = theory.get_config(quick=True)
+    config[section].radius = 1.0
+    with pytest.raises(ValueError, match=f"{section}.radius must be < 1"):
+      theory.plan(config)
   config = theory.get_config(quick=True)
   config.num_seeds = 1
   with pytest.raises(ValueError, match="num_seeds"):
@@ -257,7 +321,7 @@ def test_plots_say_what_noise_was_used(tmp_path):
   config.noise.d, config.noise.n, config.noise.slope_fit_min_n = 2, (20, 40), 20
   config.risk_vs_n.noise, config.noise.noise = 0.2, 0.0
   results = theory.run(config)
-  fig = theory.plot_risk_vs_n(results)
+  fig = theory.plot_risk_vs_n(results, str(tmp_path / "n.png"))  # rendered: mathtext parsed
   assert "0.2" in fig._suptitle.get_text() and "noiseless" not in fig._suptitle.get_text()
   labels = fig.axes[0].get_legend_handles_labels()[1]
   assert any("sigma_" in label and "theory" in label for label in labels), labels
