@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -184,6 +185,17 @@ def _to_checkpoint(state: TrainState) -> dict[str, Any]:
           "opt_state": state.opt_state}
 
 
+def _latest_step(workdir: str) -> int | None:
+  """The step of the latest checkpoint in `workdir`, None if it holds none."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return None
+  manager = _checkpoint_manager(workdir, 1)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def restore_or_init(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
   """`state` replaced by the latest checkpoint in `manager`, if there is one."""
   step = manager.latest_step()
@@ -205,7 +217,10 @@ def _read_metrics(path: str, upto_epoch: int) -> list[dict[str, Any]]:
 
 def check_training_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError or TypeError naming the first training setting out of range."""
+  v.check_int("seed", config.seed, low=0)
   v.check_int("batch_size", config.batch_size, low=1)
+  v.check_int("eval_batch_size", config.get("eval_batch_size", 512), low=1)
+  v.check_int("keep_checkpoints", config.get("keep_checkpoints", 2), low=1)  # 0: no resume
   v.check_int("num_epochs", config.num_epochs, low=0)
   if config.get("max_train") is not None:
     v.check_int("max_train", config.max_train, low=1)
@@ -232,16 +247,23 @@ def _training_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(json.dumps(settings, default=repr))
 
 
-def _check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: bool) -> None:
+def _check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: bool,
+                    data: dict[str, Any]) -> None:
   """A checkpoint resumes only the run that wrote it.
 
-  The first run in `workdir` records its training settings; a later run that would
-  resume from the checkpoint must have the same ones, or it raises instead of
-  reporting the old model's numbers under the new config.
+  The first run in `workdir` records its training settings and the facts of the data
+  it trained on (`data`: training-set size, steps per epoch, image shape, classes); a
+  later run that would resume from the checkpoint must have the same ones, or it
+  raises instead of reporting the old model's numbers under the new config (a new
+  training-set size would also shift the epoch a step count stands for).
   """
   path = os.path.join(workdir, TRAINING_CONFIG_FILE)
-  settings = _training_settings(config)
-  if resuming and os.path.exists(path):
+  settings = {**_training_settings(config), "data": json.loads(json.dumps(data))}
+  if resuming and not os.path.exists(path):
+    raise ValueError(f"workdir {workdir!r} holds a checkpoint but no {TRAINING_CONFIG_FILE} "
+                     f"saying what it was trained with; use a new workdir, or delete the "
+                     f"old one to start over")
+  if resuming:
     with open(path) as f:
       recorded = json.load(f)
     changed = sorted(name for name in set(recorded) | set(settings)
@@ -252,7 +274,7 @@ def _check_same_run(workdir: str, config: ml_collections.ConfigDict, resuming: b
       raise ValueError(
           f"workdir {workdir!r} holds a checkpoint trained with other settings ({details}); "
           f"use a new workdir for this config, or delete the old one to start over")
-  if not resuming or not os.path.exists(path):
+  else:
     with open(path, "w") as f:
       json.dump(settings, f, indent=1, sort_keys=True)
 
@@ -264,7 +286,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Spli
 
   Raises:
     ValueError: a training setting out of range, or a workdir whose checkpoint was
-      trained with other settings (`RESUMABLE_SETTINGS` may differ).
+      trained with other settings or data (`RESUMABLE_SETTINGS` may differ).
+    FloatingPointError: the training loss of an epoch is not finite (diverged).
   """
   check_training_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -282,8 +305,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Spli
 
   manager = _checkpoint_manager(workdir, config.get("keep_checkpoints", 2))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  data = {"n_train": n_train, "steps_per_epoch": steps_per_epoch,
+          "image_shape": list(splits.image_shape), "num_classes": splits.num_classes}
   try:
-    _check_same_run(workdir, config, resuming=manager.latest_step() is not None)
+    _check_same_run(workdir, config, resuming=manager.latest_step() is not None, data=data)
     state = restore_or_init(manager, state)
     start_epoch = int(state.step) // steps_per_epoch
     # A run killed after logging an epoch but before its checkpoint landed would log
@@ -306,9 +331,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Spli
         sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
         bar.update(1)
       sums = jax.device_get(sums)
+      train_loss = float(sums["loss_sum"] / sums["count"])
       val = _evaluate(state, splits.validation, mean, std, eval_bs)
+      # The validation loss sees the parameters after the epoch's last step, which the
+      # training loss (of the parameters before each step) does not.
+      if not (math.isfinite(train_loss) and math.isfinite(val["loss"])):
+        raise FloatingPointError(  # before a NaN model is checkpointed
+            f"training diverged in epoch {epoch + 1}: train_loss={train_loss}, val_loss="
+            f"{val['loss']} (learning_rate={config.learning_rate}); lower the learning rate "
+            f"and use a new workdir")
       record = {"epoch": epoch + 1, "step": int(state.step),
-                "train_loss": float(sums["loss_sum"] / sums["count"]),
+                "train_loss": train_loss,
                 "train_accuracy": float(sums["correct"] / sums["count"]),
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                 "learning_rate": float(schedule(int(state.step) - 1)),
@@ -474,6 +507,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   splits = load_splits(config) if splits is None else splits
   t_data = time.time() - t_start
+  resumed_from_step = _latest_step(workdir)
   state, history = train(config, workdir, splits)
   t_train = time.time() - t_start - t_data
   t0 = time.time()
@@ -482,6 +516,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   outputs = {name: compute_outputs(state, getattr(splits, name), mean=mean, std=std,
                                    batch_size=bs)
              for name in ("train", "validation", "test")}
+  t_embed = time.time() - t0
+  t0 = time.time()
   stage = resmem_stage(
       train_outputs=outputs["train"], train_labels=splits.train.labels,
       val_outputs=outputs["validation"], val_labels=splits.validation.labels,
@@ -513,9 +549,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       **stage,
       "n_fixed": int(len(fb["fixed"])), "n_broken": int(len(fb["broken"])),
       "final_epoch": history[-1] if history else None,
+      "resumed_from_step": resumed_from_step,
       "neighbours_png": picture,
+      # train: this invocation's training call (setup, restore and compilation
+      # included; near 0 for a finished run resumed); train_epochs: the epochs' own
+      # times (with their validation pass) summed over every run of this workdir;
+      # embed: the base model's outputs on the three splits; resmem: the memory, the
+      # validation sweep and the test evaluation.
       "timing_s": {"data": round(t_data, 2), "train": round(t_train, 2),
-                   "resmem": round(t_resmem, 2),
+                   "train_epochs": round(sum(r["epoch_time_s"] for r in history), 2),
+                   "embed": round(t_embed, 2), "resmem": round(t_resmem, 2),
                    "total": round(time.time() - t_start, 2)},
       "hardware": {"platform": device.platform, "device_kind": device.device_kind,
                    "cpu_count": os.cpu_count()},
@@ -540,7 +583,8 @@ def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict
     accuracy, chosen (k, sigma, T).
 
   Raises:
-    ValueError: a size that is not a (width, embed_dim[, depth]) tuple of positive ints.
+    ValueError: a size that is not a (width, embed_dim[, depth]) tuple of positive ints,
+      seeds that are not distinct non-negative ints.
   """
   sizes = []
   for size in config.sweep.sizes:
@@ -550,12 +594,16 @@ def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict
     width, embed_dim, depth = (*size, 2) if len(size) == 2 else size
     sizes.append((v.check_int("width", width, low=1), v.check_int("embed_dim", embed_dim, low=1),
                   v.check_int("depth", depth, low=1)))
+  seeds = [v.check_int("sweep.seeds", seed, low=0) for seed in config.sweep.seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"sweep.seeds must be distinct ints (one sub-workdir each), got "
+                     f"sweep.seeds={tuple(config.sweep.seeds)!r}")
   check_training_config(config)
   splits = load_splits(config)
   rows = []
   for width, embed_dim, depth in tqdm(sizes, desc="sizes",
                                       disable=not config.get("progress", True)):
-    for seed in config.sweep.seeds:
+    for seed in seeds:
       cfg = ml_collections.ConfigDict(config.to_dict())
       del cfg["sweep"]
       cfg.seed = int(seed)
@@ -570,7 +618,7 @@ def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict
                    "deepnet_test_accuracy": r["deepnet_test_accuracy"],
                    "resmem_test_accuracy": r["resmem_test_accuracy"],
                    "baselines": r["baselines"], "best": r["best"],
-                   "train_time_s": r["timing_s"]["train"]})
+                   "train_time_s": r["timing_s"]["train_epochs"]})
   analysis_lib.write_json(os.path.join(workdir, "size_sweep.json"),
                           {"rows": rows, "summary": analysis_lib.summarize_size_sweep(rows)})
   analysis_lib.plot_size_sweep(

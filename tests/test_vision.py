@@ -49,6 +49,26 @@ def test_every_config_loads_with_its_quick_variant():
     configs.get_config("svhn")
 
 
+def test_optional_settings_can_be_set_from_the_command_line():
+  """data_dir, max_train, ... are None by default; a plain None field would refuse
+  --config.data_dir=... (ml_collections cannot infer its type)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  for name in ("mnist", "cifar10", "imagenet"):
+    path = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
+    argv = ["vision.py", f"--config={path}", "--config.data_dir=/data/tfds",
+            "--config.manual_dir=/data/manual", "--config.max_train=300",
+            "--config.val_size=50", "--config.test_size=60"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, flag_values=values, lock_config=True,
+                                    sys_argv=argv)  # as experiments/vision.py, argv given
+    values(argv)
+    config = values.config
+    assert (config.data_dir, config.manual_dir, config.max_train, config.val_size,
+            config.test_size) == ("/data/tfds", "/data/manual", 300, 50, 60)
+    assert configs.get_config(name).to_dict()["data_dir"] is None
+
+
 def test_size_sweep_on_a_tiny_grid(tmp_path):
   config = configs.get_config("mnist_sweep", "quick")
   # A triple and an old-style pair (depth 2).
@@ -79,6 +99,10 @@ def test_size_sweep_rejects_a_bad_size(tmp_path):
     train.run_size_sweep(config, str(tmp_path))
   config.sweep.sizes = ((2, 8, 0),)
   with pytest.raises(ValueError, match="depth"):
+    train.run_size_sweep(config, str(tmp_path))
+  config.sweep.sizes = ((2, 8, 2),)
+  config.sweep.seeds = (0, 0)  # one sub-workdir counted twice, with a std of 0
+  with pytest.raises(ValueError, match="sweep.seeds must be distinct"):
     train.run_size_sweep(config, str(tmp_path))
   assert os.listdir(tmp_path) == []
 

@@ -33,11 +33,14 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Data.
   c.dataset = "mnist5k"
-  c.data_dir = None  # TFDS data directory (None: TFDS default).
-  c.manual_dir = None  # ImageNet's manual-download directory.
-  c.val_size = None
-  c.test_size = None
-  c.max_train = None
+  # Optional settings are typed placeholders (None until set): a plain None field
+  # cannot be set from the command line (--config.data_dir=...).
+  optional = ml_collections.config_dict.placeholder
+  c.data_dir = optional(str)  # TFDS data directory (None: TFDS default).
+  c.manual_dir = optional(str)  # ImageNet's manual-download directory.
+  c.val_size = optional(int)
+  c.test_size = optional(int)
+  c.max_train = optional(int)
   c.split_seed = 0
   c.image_size = 224  # ImageNet only.
   # Model.
