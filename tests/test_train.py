@@ -84,8 +84,13 @@ def _mnist_tiny(num_epochs=1, max_train=200):
   return config
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["small_cnn", "resnet_tiny"])
+def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, model):
+  """resnet_tiny adds BatchNorm statistics and augmentation (its random crops and flips
+  are keyed by step) to what a resume must restore or replay."""
   config = _mnist_tiny(num_epochs=3, max_train=300)
+  if model == "resnet_tiny":
+    config.model, config.model_kwargs, config.augment = "resnet_tiny", {}, True
   splits = train.load_splits(config)
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"), splits=splits)
 
