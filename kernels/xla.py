@@ -70,6 +70,22 @@ def _scores_t(x: Float[Array, "n D"], q: Float[Array, "bq D"], x_sq: Float[Array
   return x_sq[:, None] - 2.0 * dots
 
 
+def _tail_scores_t(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+                   key_sq: Float[Array, "N"] | None, start: int, block_n: int
+                   ) -> Float[Array, "block_n bq"]:
+  """`_scores_t` of the ragged last keys[start:] (fewer than block_n), computed as a
+  whole block_n tile whose padding rows score +inf.
+
+  XLA picks its loops by shape, so a tile of another shape may round the same key's
+  score differently, and an exact duplicate of an earlier key would then win or lose
+  its tie by rounding instead of by index. The copy is under one tile of keys.
+  """
+  rows = keys.shape[0] - start
+  x = jnp.pad(keys[start:], ((0, block_n - rows), (0, 0)))
+  x_sq = None if key_sq is None else jnp.pad(key_sq[start:], (0, block_n - rows))
+  return jnp.where(jnp.arange(block_n)[:, None] < rows, _scores_t(x, q, x_sq), jnp.inf)
+
+
 def _smallest(values: Float[Array, "bq m"], k: int) -> Int[Array, "bq k"]:
   """Positions of the k smallest values of each row, lower position first on ties.
 
@@ -93,11 +109,7 @@ def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
   bq = q.shape[0]
   n_full = n // block_n
 
-  def tile_minima(x, x_sq):
-    scores = _scores_t(x, q, x_sq)
-    pad = -scores.shape[0] % chunk
-    if pad:  # only the ragged last tile: its last chunk is partial
-      scores = jnp.pad(scores, ((0, pad), (0, 0)), constant_values=jnp.inf)
+  def tile_minima(scores):
     return scores.reshape(-1, chunk, bq).min(axis=1)
 
   parts = []
@@ -105,14 +117,15 @@ def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
     def body(_, b):
       x = jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n)
       x_sq = None if key_sq is None else jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
-      return None, tile_minima(x, x_sq)
+      return None, tile_minima(_scores_t(x, q, x_sq))
 
     # minima: (T, block_n / chunk, bq)
     _, minima = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))
     parts.append(minima.reshape(-1, bq))
   if n % block_n:
     start = n_full * block_n
-    parts.append(tile_minima(keys[start:], None if key_sq is None else key_sq[start:]))
+    minima = tile_minima(_tail_scores_t(q, keys, key_sq, start, block_n))
+    parts.append(minima[:-(-(n - start) // chunk)])
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
@@ -208,9 +221,10 @@ def _chunk_pairs(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Flo
     seconds.append(m2.reshape(-1, bq))
   if n % block_n:
     start = n_full * block_n
-    m1, m2 = _tile_pairs(_scores_t(keys[start:], q, key_sq[start:]), chunk)
-    firsts.append(m1)
-    seconds.append(m2)
+    m1, m2 = _tile_pairs(_tail_scores_t(q, keys, key_sq, start, block_n), chunk)
+    n_chunks = -(-(n - start) // chunk)
+    firsts.append(m1[:n_chunks])
+    seconds.append(m2[:n_chunks])
   if len(firsts) == 1:
     return firsts[0], seconds[0]
   return jnp.concatenate(firsts, axis=0), jnp.concatenate(seconds, axis=0)
@@ -227,9 +241,11 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
   n = keys.shape[0]
   bq = q.shape[0]
 
-  def merge(carry, x, x_aux, start):
+  def merge(carry, x, x_aux, start, skip=0):
     best, best_idx = carry
     scores = score(q, x, x_aux)
+    if skip:  # the first `skip` columns were merged already
+      scores = jnp.where(jnp.arange(scores.shape[1])[None, :] < skip, jnp.inf, scores)
     pos = _smallest(scores, min(k, scores.shape[1]))
     # The running top-k holds lower indices, so it goes first: ties stay in key order.
     vals = jnp.concatenate([best, jnp.take_along_axis(scores, pos, axis=1)], axis=1)
@@ -247,8 +263,13 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
   carry = (jnp.full((bq, k), jnp.inf, q.dtype), jnp.full((bq, k), n, jnp.int32))
   carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full, dtype=jnp.int32))
   if n % block_n:
-    start = n_full * block_n
-    carry = merge(carry, keys[start:], None if aux is None else aux[start:], start)
+    # The ragged remainder is scored as the last block_n keys, those already merged
+    # masked out: a tile of another shape may round a key's score differently (XLA
+    # picks its loops by shape), and an exact duplicate of an earlier key would then
+    # win or lose its tie by rounding instead of by index.
+    start = n - block_n
+    carry = merge(carry, keys[start:], None if aux is None else aux[start:], start,
+                  skip=n_full * block_n - start)
   return carry
 
 

@@ -229,6 +229,23 @@ class KnnContract:
     result = self.search(queries, keys, 20)
     check_result(result, queries, keys, 20, exact_ties=True)
 
+  @pytest.mark.parametrize("metric", ["l2", "ip"])
+  def test_copies_of_a_random_key_tie_by_index_across_tile_shapes(self, metric):
+    """Non-integer keys rounded in tiles of different shapes (2049 keys: a ragged last
+    tile for any block_n) must still tie exactly, lower index first."""
+    rng = np.random.default_rng(13)
+    keys = np.tile(rng.standard_normal((1, 64)).astype(np.float32), (2049, 1))
+    queries = rng.standard_normal((24, 64)).astype(np.float32)
+    check_result(self.search(queries, keys, 10, metric), queries, keys, 10, metric,
+                 exact_ties=True)
+    keys = rng.standard_normal((2049, 8)).astype(np.float32)
+    keys[5] *= 10.0  # the best inner product of most queries, and the nearest key of some
+    keys[-1] = keys[5]  # its copy, alone in the ragged last tile
+    queries = np.concatenate([queries[:, :8], keys[5] + 0.01 * queries[:8, :8]])
+    for k in (1, 2):
+      check_result(self.search(queries, keys, k, metric), queries, keys, k, metric,
+                   exact_ties=True)
+
   @pytest.mark.parametrize("offset,scale", [(1e4, 1.0), (-3e4, 0.1), (0.0, 1e3)])
   def test_offset_and_large_norms(self, offset, scale):
     queries, keys = random_data(3, 30, 901, 8, offset=offset, scale=scale)
