@@ -70,20 +70,30 @@ def _scores_t(x: Float[Array, "n D"], q: Float[Array, "bq D"], x_sq: Float[Array
   return x_sq[:, None] - 2.0 * dots
 
 
+def _padded_tail(keys: Float[Array, "N D"], aux: Float[Array, "N"] | None, start: int,
+                 block_n: int) -> tuple[Float[Array, "block_n D"], Float[Array, "block_n"] | None,
+                                        Array]:
+  """The ragged last keys[start:] (fewer than block_n) and their `aux`, zero-padded to a
+  whole tile, and which of its rows are keys.
+
+  Every search scores its ragged remainder through this, as a tile of the same shape
+  as the others: XLA picks its loops by shape, so a tile of another shape may round
+  the same key's score differently, and an exact duplicate of an earlier key would
+  then win or lose its tie by rounding instead of by index. The copy is under one tile.
+  """
+  rows = keys.shape[0] - start
+  pad = lambda a: None if a is None else jnp.pad(
+      a[start:], ((0, block_n - rows),) + ((0, 0),) * (a.ndim - 1))
+  return pad(keys), pad(aux), jnp.arange(block_n) < rows
+
+
 def _tail_scores_t(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
                    key_sq: Float[Array, "N"] | None, start: int, block_n: int
                    ) -> Float[Array, "block_n bq"]:
-  """`_scores_t` of the ragged last keys[start:] (fewer than block_n), computed as a
-  whole block_n tile whose padding rows score +inf.
-
-  XLA picks its loops by shape, so a tile of another shape may round the same key's
-  score differently, and an exact duplicate of an earlier key would then win or lose
-  its tie by rounding instead of by index. The copy is under one tile of keys.
-  """
-  rows = keys.shape[0] - start
-  x = jnp.pad(keys[start:], ((0, block_n - rows), (0, 0)))
-  x_sq = None if key_sq is None else jnp.pad(key_sq[start:], (0, block_n - rows))
-  return jnp.where(jnp.arange(block_n)[:, None] < rows, _scores_t(x, q, x_sq), jnp.inf)
+  """`_scores_t` of the ragged last keys[start:] as a whole tile (`_padded_tail`); the
+  padding rows score +inf."""
+  x, x_sq, valid = _padded_tail(keys, key_sq, start, block_n)
+  return jnp.where(valid[:, None], _scores_t(x, q, x_sq), jnp.inf)
 
 
 def _smallest(values: Float[Array, "bq m"], k: int) -> Int[Array, "bq k"]:
@@ -241,11 +251,11 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
   n = keys.shape[0]
   bq = q.shape[0]
 
-  def merge(carry, x, x_aux, start, skip=0):
+  def merge(carry, x, x_aux, start, valid=None):
     best, best_idx = carry
     scores = score(q, x, x_aux)
-    if skip:  # the first `skip` columns were merged already
-      scores = jnp.where(jnp.arange(scores.shape[1])[None, :] < skip, jnp.inf, scores)
+    if valid is not None:  # the padded remainder: its padding rows are no keys
+      scores = jnp.where(valid[None, :], scores, jnp.inf)
     pos = _smallest(scores, min(k, scores.shape[1]))
     # The running top-k holds lower indices, so it goes first: ties stay in key order.
     vals = jnp.concatenate([best, jnp.take_along_axis(scores, pos, axis=1)], axis=1)
@@ -263,13 +273,9 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
   carry = (jnp.full((bq, k), jnp.inf, q.dtype), jnp.full((bq, k), n, jnp.int32))
   carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full, dtype=jnp.int32))
   if n % block_n:
-    # The ragged remainder is scored as the last block_n keys, those already merged
-    # masked out: a tile of another shape may round a key's score differently (XLA
-    # picks its loops by shape), and an exact duplicate of an earlier key would then
-    # win or lose its tie by rounding instead of by index.
-    start = n - block_n
-    carry = merge(carry, keys[start:], None if aux is None else aux[start:], start,
-                  skip=n_full * block_n - start)
+    start = n_full * block_n
+    x, x_aux, valid = _padded_tail(keys, aux, start, block_n)
+    carry = merge(carry, x, x_aux, start, valid)
   return carry
 
 

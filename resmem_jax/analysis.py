@@ -408,6 +408,14 @@ def _json_ready(x: Any) -> Any:
   return x
 
 
+def hardware() -> dict[str, Any]:
+  """What an experiment ran on, for its JSON: JAX's first device and the host's cores."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return {"platform": device.platform, "device_kind": device.device_kind,
+          "cpu_count": os.cpu_count()}
+
+
 def write_json(path: str, obj: Any) -> str:
   """Writes `obj` as indented, strict JSON (NumPy converted, NaN and inf as null)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -99,6 +98,7 @@ from scipy import integrate, special
 
 import resmem_jax as rm
 from resmem_jax import _validation as v
+from resmem_jax import analysis
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DOMAINS = ("sphere", "cube", "gaussian")
@@ -254,9 +254,7 @@ def constrained_least_squares(x: Float[Array, "N D"], y: Float[Array, "N"], radi
   v.check_finite("x", x)
   v.check_finite("y", y)
   if not v.is_traced(radius):
-    value = np.asarray(radius)
-    if value.ndim or not (np.isfinite(value) and value >= 0):
-      raise ValueError(f"radius must be a finite number >= 0, got radius={radius!r}")
+    v.check_non_negative("radius", v.concrete_scalar(radius))
   if n_rows is not None and not v.is_traced(n_rows):
     v.check_int("n_rows", n_rows, low=0, high=x.shape[0])
   u, s, vt = jnp.linalg.svd(x, full_matrices=False)
@@ -672,12 +670,10 @@ def run(config: ml_collections.ConfigDict,
   curves = [evaluate_curve(spec, seed=config.seed, num_seeds=config.num_seeds,
                            n_test=config.n_test, on_point=on_point)
             for spec in plan(config)]
-  device = jax.devices()[0]
   return {"config": config.to_dict(), "curves": curves,
           "seconds": time.perf_counter() - start, "backend": jax.default_backend(),
           "jax": jax.__version__,
-          "hardware": {"platform": device.platform, "device_kind": device.device_kind,
-                       "cpu_count": os.cpu_count()}}
+          "hardware": analysis.hardware()}
 
 
 # -------------------------------------------------------------------------- figures

@@ -538,7 +538,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "fixed": fb["fixed"], "broken": fb["broken"],
       "n_fixed": len(fb["fixed"]), "n_broken": len(fb["broken"]),
       "per_class": per_class})
-  device = jax.devices()[0]
   results = {
       "dataset": config.dataset, "model": config.model,
       "model_kwargs": dict(config.get("model_kwargs", {}) or {}),
@@ -560,8 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    "train_epochs": round(sum(r["epoch_time_s"] for r in history), 2),
                    "embed": round(t_embed, 2), "resmem": round(t_resmem, 2),
                    "total": round(time.time() - t_start, 2)},
-      "hardware": {"platform": device.platform, "device_kind": device.device_kind,
-                   "cpu_count": os.cpu_count()},
+      "hardware": analysis_lib.hardware(),
       "config": config.to_dict(),
   }
   analysis_lib.write_json(os.path.join(workdir, "results.json"), results)
