@@ -148,9 +148,9 @@ def candidate_margin(k: int) -> int:
 
 
 def n_candidates(k: int, n: int, metric: str) -> int:
-  """How many candidates `search_certified` re-scores for a k-search over n keys."""
-  if metric == "ip":
-    return k
+  """How many candidates `search_certified` re-scores for a k-search over n keys (either
+  metric: the margin is what the certificate's gap stands on)."""
+  del metric
   return min(n, k + candidate_margin(k))
 
 
@@ -185,11 +185,19 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   fails only where the data are dense next to their norms (many keys within E of the
   k-th distance); `knn` recomputes those rows with "direct".
 
-  The inner-product metric needs no gap certificate: its ranking score is its
-  distance, with the same float32 rounding as the result. For both metrics the one
-  score the certificate takes on trust, s_m, is first checked against its key's score
-  recomputed directly (`_top_score_is_its_keys`), so an unfilled slot or a score that
-  is not its key's (a kernel gone wrong) sends the row to the fallback.
+  The inner-product metric ranks by s(x) = -<q, x> itself (no centring), with an
+  error of at most E(q) = gamma ||q|| R; the re-scored k-th distance d_k carries as
+  much, so the k nearest are proven when d_k + E(q) < s_m - E(q). Its ranking score
+  is its distance, but not with the same rounding: the search's dot products run in
+  tiles and gathers of other shapes than the re-scoring, so exact copies of one key
+  may rank in another order than their indices. Without a margin such a tie could
+  drop a lower-index copy; with it, the tie fails the certificate and the direct
+  search, which scores every key alike, puts the copies in index order.
+
+  For both metrics the one score the certificate takes on trust, s_m, is first
+  checked against its key's score recomputed directly (`_top_score_is_its_keys`), so
+  an unfilled slot or a score that is not its key's (a kernel gone wrong) sends the
+  row to the fallback.
 
   `width` (static): re-score this many columns (padding beyond the candidates), so a
   shard of a sharded search, and the direct fallback, compute the same bits as one
@@ -203,7 +211,7 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
     (distances (Q, k), indices (Q, k), certified (Q,) bool).
   """
   n, dim = keys.shape
-  exact = metric == "ip" or implementation == "direct"
+  exact = implementation == "direct"
   n_cand = k if exact else n_candidates(k, n, metric)
   # The direct fallback re-scores at the same width as the ranked search, so the
   # distances it returns for a row are the same bits.
@@ -235,14 +243,20 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   gamma = (4.0 * (dim + 2) / 2 + 2.0 * tagged_ulps) * float(jnp.finfo(scores.dtype).eps)
   radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)
-  error = gamma * (radius * radius + 2.0 * jnp.sqrt(q_sq) * radius)
+  if metric == "ip":
+    error = gamma * jnp.sqrt(q_sq) * radius
+  else:
+    error = gamma * (radius * radius + 2.0 * jnp.sqrt(q_sq) * radius)
   trusted = _top_score_is_its_keys(q_rank, k_rank, scores, ranked, metric, gamma, error,
                                    q_sq, radius)
-  if exact or n_cand == n:
+  if n_cand == n:
     return unscale(distances[:, :k]), indices[:, :k], trusted
-  excluded_at_least = jnp.max(scores, axis=-1) + q_sq - error
-  kth_sq = jnp.square(distances[:, k - 1]) * (1.0 + gamma)
-  certified = trusted & (kth_sq < excluded_at_least)
+  if metric == "ip":  # scores and distances are both -<q, x> on the scaled data
+    certified = distances[:, k - 1] + error < jnp.max(scores, axis=-1) - error
+  else:
+    excluded_at_least = jnp.max(scores, axis=-1) + q_sq - error
+    certified = jnp.square(distances[:, k - 1]) * (1.0 + gamma) < excluded_at_least
+  certified = trusted & certified
   return unscale(distances[:, :k]), indices[:, :k], certified
 
 

@@ -80,6 +80,17 @@ def oracle(queries, keys, metric: str = "l2") -> Oracle:
   return Oracle(scores, order, score_tolerance(q, x, metric))
 
 
+def scattered_copies(seed: int, n: int = 97, dim: int = 64, n_q: int = 40, copies: int = 30
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Random keys, `copies` of them (at random positions) replaced by one key times 6."""
+  rng = np.random.default_rng(seed)
+  keys = rng.normal(size=(n, dim)).astype(np.float32)
+  queries = rng.normal(size=(n_q, dim)).astype(np.float32)
+  positions = np.sort(rng.choice(n, copies, replace=False))
+  keys[positions] = 6.0 * keys[positions[0]]
+  return queries, keys
+
+
 def separated(sorted_scores: np.ndarray, k: int, tol: float) -> np.ndarray:
   """(Q, k) mask: rank j is determined, its float64 gaps to ranks j-1 and j+1 exceed tol."""
   n_q, n = sorted_scores.shape
@@ -243,6 +254,16 @@ class KnnContract:
     keys[-1] = keys[5]  # its copy, alone in the ragged last tile
     queries = np.concatenate([queries[:, :8], keys[5] + 0.01 * queries[:8, :8]])
     for k in (1, 2):
+      check_result(self.search(queries, keys, k, metric), queries, keys, k, metric,
+                   exact_ties=True)
+
+  @pytest.mark.parametrize("metric", ["l2", "ip"])
+  def test_scattered_copies_of_a_long_key_tie_by_index(self, metric):
+    """30 copies of one long key scattered among 97: most queries' best keys by inner
+    product, gathered into candidate lists at different positions, where they must not
+    round apart (ip once dropped copies 8 and 10 for 21 and 23 this way)."""
+    queries, keys = scattered_copies(seed=0)
+    for k in (1, 5, 7):
       check_result(self.search(queries, keys, k, metric), queries, keys, k, metric,
                    exact_ties=True)
 

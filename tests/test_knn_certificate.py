@@ -54,13 +54,38 @@ def test_fallback_under_an_outer_jit(dense):
   check_exact(result, d2, 3)
 
 
-def test_certificate_passes_on_ordinary_data():
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_certificate_passes_on_ordinary_data(metric, relu):
+  """Gaussian data, and non-negative (ReLU) data whose inner products are all large
+  next to their gaps: no row needs the fallback."""
   rng = np.random.default_rng(1)
   keys = rng.normal(size=(5000, 64)).astype(np.float32)
   queries = rng.normal(size=(64, 64)).astype(np.float32)
-  _, _, certified = api._knn_padded(jnp.asarray(queries), jnp.asarray(keys), k=10, metric="l2",
-                                    implementation="xla", block_sizes=None)
+  if relu:
+    keys, queries = np.maximum(keys, 0.0), np.maximum(queries, 0.0)
+  _, _, certified = api._knn_padded(jnp.asarray(queries), jnp.asarray(keys), k=10,
+                                    metric=metric, implementation="xla", block_sizes=None)
   assert np.asarray(certified).all()
+
+
+def test_ip_ties_fail_the_certificate_and_come_back_in_index_order():
+  """Copies of one key are the best inner products of most queries: their scores tie,
+  the certificate cannot separate the k-th from the candidates left out, and the
+  direct search returns the copies lowest index first."""
+  rng = np.random.default_rng(3)
+  keys = rng.normal(size=(500, 16)).astype(np.float32)
+  queries = rng.normal(size=(32, 16)).astype(np.float32)
+  copies = np.arange(7, 500, 25)  # 20 copies
+  keys[copies] = 5.0 * keys[copies[0]]
+  _, _, certified = api._knn_padded(jnp.asarray(queries), jnp.asarray(keys), k=3,
+                                    metric="ip", implementation="xla", block_sizes=None)
+  others = np.delete(keys, copies, axis=0)
+  winners = queries @ keys[copies[0]] > (queries @ others.T).max(axis=1)  # led by copies
+  assert winners.any() and not np.asarray(certified)[winners].any()
+  result = rm.knn(queries, keys, 3, metric="ip", implementation="xla")
+  np.testing.assert_array_equal(np.asarray(result.indices)[winners],
+                                np.broadcast_to(copies[:3], (winners.sum(), 3)))
 
 
 def test_direct_implementation_is_exact(dense):
@@ -95,7 +120,8 @@ def _ordinary(metric):
 @pytest.mark.parametrize("metric,broken", [
     ("l2", _lost_the_nearest),  # inf as the largest score would certify any answer
     ("l2", _indices_off_by_one),
-    ("ip", _indices_off_by_one),  # ip has no gap certificate: only this check
+    ("ip", _lost_the_nearest),
+    ("ip", _indices_off_by_one),
 ])
 def test_a_top_score_that_is_not_its_keys_is_not_trusted(metric, broken, monkeypatch):
   queries, keys = _ordinary(metric)

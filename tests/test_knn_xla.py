@@ -8,8 +8,9 @@ small that the exact search steps through a query tile one query at a time.
 """
 
 import pytest
-from knn_contract import KnnContract
+from knn_contract import KnnContract, check_result, scattered_copies
 
+import resmem_jax
 from resmem_jax.kernels import BlockSizes, xla
 
 
@@ -41,3 +42,19 @@ class TestXlaExactSearchOneQueryPerStep(KnnContract):
   @pytest.fixture(autouse=True)
   def _tiny_gather_budget(self, monkeypatch):
     monkeypatch.setattr(xla, "GATHER_BYTES", 1)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("block_n,chunk", [(16, 2), (32, 4), (96, 3), (96, 4)])
+def test_scattered_copies_tie_by_index_under_short_chunks(metric, block_n, chunk):
+  """The exact search gathers a chunk's keys into a (queries, k * chunk, D) block whose
+  dot products XLA may round differently by position, so the search's own ranking can
+  put a later copy of a key before an earlier one. Before ip had the certificate's
+  margin (it searched exactly k candidates), all four ip cases here failed: some row
+  came back with a higher-index copy in place of a lower one."""
+  for seed in range(3):
+    queries, keys = scattered_copies(seed)
+    for k in (3, 5, 7):
+      result = resmem_jax.knn(queries, keys, k, metric=metric, implementation="xla",
+                              block_sizes=BlockSizes(block_q=8, block_n=block_n, chunk=chunk))
+      check_result(result, queries, keys, k, metric, exact_ties=True)
