@@ -6,10 +6,11 @@ distances, and shifts their indices by the shard's offset. The (Q, shards * k)
 candidates are then merged by (distance, global index): the k nearest of the union of
 the local k nearest are the global k nearest, and equal distances keep the lower
 global index first, exactly as on one device. Only Q * k candidates per shard cross
-devices; the keys never move. For l2 the result has the bits of one device's search.
-For ip it is exact too, but where two keys' inner products tie within float32
-rounding the two searches may keep different ones: one device ranks on its matmul
-scores, the merge on the re-scored products, which can differ in the last bit.
+devices; the keys never move. The result has the bits of one device's search, for
+both metrics: one device ranks on its matmul scores and the merge on the re-scored
+distances, which may differ in the last bit, but two keys that tie that closely at the
+k-th place fail the certificate on both (`api.search_certified`), and both recompute
+the row with the direct search.
 
 Placing a memory over the devices of a TPU pod slice (or GPUs, or fake CPU devices):
 

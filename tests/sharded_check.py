@@ -70,6 +70,19 @@ def main():
                 f"knn {implementation} k={k} {metric}")
     check_knn(mesh, P("data", None), offset, offset[:20] + 0.1, 5, "l2", implementation,
               f"offset {implementation}")
+    # Inner products that tie within float32 rounding, on different shards: a few
+    # strong keys and one-ulp neighbours of them. One device and the merge used to
+    # keep different ones (203 of 3072 rows in a sweep like this) before ip had the
+    # certificate's margin; such near-ties now fail it on both and go to the fallback.
+    near = keys.copy()
+    strong = rng.choice(512, 8, replace=False)
+    for b in strong:
+      for j in rng.choice(512, 6, replace=False):
+        near[j] = np.nextafter(4 * keys[b], np.inf if j % 2 else -np.inf)
+    near[strong] = 4 * keys[strong]
+    for k in (1, 5, 10):
+      check_knn(mesh, P("data", None), near, queries, k, "ip", implementation,
+                f"ip near-ties {implementation} k={k}")
   check_knn(mesh2, P("data", None), keys, queries, 7, "l2", "xla", "2-D mesh, rows on 'data'")
   check_knn(mesh2, P(("data", "model"), None), keys, queries, 7, "l2", "xla",
             "2-D mesh, rows on ('data', 'model')")
