@@ -319,7 +319,9 @@ def _knn_padded(queries, keys, magnitude=None, *, k, metric, implementation, blo
 def _search(queries, keys, k, *, metric, implementation, block_sizes, query_mesh=None,
             magnitude=None):
   if magnitude is not None:
-    magnitude = np.float32(magnitude)  # a dynamic argument: no recompile per value
+    # A dynamic argument (no recompile per value), in the widest float JAX holds: with
+    # 64-bit mode on, float64 data may lie beyond float32's range.
+    magnitude = np.asarray(magnitude, jax.dtypes.canonicalize_dtype(np.float64))
   if sharded.row_axes(keys) is not None:
     # Keys split over devices by rows: local searches + one merge, same neighbours.
     return sharded.knn_sharded(queries, keys, k, metric=metric,
@@ -351,10 +353,14 @@ def search_scale(magnitude, dim: int, dtype=jnp.float32):
   ||q - x||^2; below ~1e-19 the squares underflow to 0, and data spanning many orders
   of magnitude lose their small differences), the scaled search does not: at the top
   of the safe range, squares of values down to max * 2^-120 or so stay normal. `s`
-  stays a normal float (2^+-126). Works on a traced magnitude (under jit).
+  stays a normal float of `dtype` (2^+-126 in float32; 2^+-1022 in float64, whose
+  data, with 64-bit mode on, may lie beyond float32's range). Works on a traced
+  magnitude (under jit).
   """
-  _, exponent = jnp.frexp(jnp.asarray(magnitude, jnp.float32))
-  shift = jnp.clip(target_exponent(dim) - exponent, -126, 126)
+  magnitude = jnp.asarray(magnitude)
+  _, exponent = jnp.frexp(magnitude.astype(jnp.promote_types(magnitude.dtype, jnp.float32)))
+  bound = -int(jnp.finfo(dtype).minexp)
+  shift = jnp.clip(target_exponent(dim) - exponent, -bound, bound)
   return jnp.ldexp(jnp.ones((), dtype), shift.astype(jnp.int32))
 
 
@@ -366,7 +372,7 @@ def scale_and_mean(queries, keys, magnitude, metric: str):
   """
   if magnitude is None:
     magnitude = jnp.maximum(jnp.max(jnp.abs(queries), initial=0.0),
-                            jnp.max(jnp.abs(keys), initial=0.0)).astype(jnp.float32)
+                            jnp.max(jnp.abs(keys), initial=0.0))
   scale = search_scale(magnitude, keys.shape[1], keys.dtype)
   return scale, key_mean(keys * scale, metric)
 

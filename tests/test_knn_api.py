@@ -427,3 +427,17 @@ def test_sort_nearly_sorted_equals_a_full_sort(m):
     want = jax.lax.sort((jnp.asarray(dist), jnp.asarray(idx)), num_keys=2)
     for g, w in zip(got, want):
       np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=case)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_64_bit_data_beyond_float32_range_are_searched_exactly(scale):
+  """With x64 on, float64 data may lie beyond float32's range; the search scale came
+  from a float32 magnitude (inf at 1e200) and returned wrong neighbours."""
+  rng = np.random.default_rng(4)
+  unit_q, unit_x = rng.normal(size=(20, 8)), rng.normal(size=(300, 8))
+  want = np.argsort(((unit_q[:, None] - unit_x[None]) ** 2).sum(-1), axis=1, kind="stable")
+  with jax.enable_x64(True):
+    res = resmem_jax.knn(unit_q * scale, unit_x * scale, 5)
+  np.testing.assert_array_equal(res.indices, want[:, :5])
+  direct = np.sqrt(((unit_q[:, None] - unit_x[want[:, :5]]) ** 2).sum(-1)) * scale
+  np.testing.assert_allclose(np.asarray(res.distances), direct, rtol=1e-12)
