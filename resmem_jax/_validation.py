@@ -51,6 +51,21 @@ def check_finite(name: str, x) -> None:
   finite_magnitude(name, x)
 
 
+def check_finite32(name: str, x) -> None:
+  """`check_finite`, and within float32's range also when 64-bit JAX is on: for what
+  the memory and its predictions compute in float32 (residuals, distances, weights),
+  where a float64 value beyond ~3.4e38 would become inf."""
+  top = finite_magnitude(name, x)
+  limit = float(np.finfo(np.float32).max)
+  if top is not None and top > limit:
+    host = np.abs(np.asarray(x))
+    bad = np.unravel_index(int(np.argmax(host)), host.shape)
+    raise ValueError(
+        f"{name} must lie within float32's range (|value| <= {limit:.4g}): ResMem "
+        f"computes its residuals, distances and weights in float32; got "
+        f"{name}[{', '.join(map(str, bad))}]={np.asarray(x)[bad]}")
+
+
 _max_abs = jax.jit(lambda x: jnp.max(jnp.abs(x)))  # one compiled program per shape, not two
 
 

@@ -135,7 +135,14 @@ def tempered_softmax(logits: Float[Array, "... C"], temperature) -> Float[Array,
 
 def base_prediction(base_outputs: Float[Array, "Q C"], *, task: str,
                     temperature: float = 1.0) -> Float[Array, "Q C"]:
-  """The base model's own prediction: softmax(z / T) (classification) or f(x)."""
+  """The base model's own prediction: softmax(z / T) (classification) or f(x).
+
+  Raises ValueError for an unknown task or a concrete T <= 0 or not finite (a traced
+  T, inside jit, passes unchecked, as in `tempered_softmax`).
+  """
+  v.check_choice("task", task, TASKS)
+  if not v.is_traced(temperature):
+    check_temperature("temperature", temperature)
   if task == "classification":
     return tempered_softmax(base_outputs, temperature)
   return base_outputs.astype(jnp.float32)
@@ -180,8 +187,10 @@ def residuals(targets: Int[Array, "N"] | Float[Array, "N ..."],
   """
   targets, base_outputs, temperature = _check_targets_outputs(
       targets, base_outputs, task=task, temperature=temperature, n=None)
-  return residuals_unchecked(jnp.asarray(targets), jnp.asarray(base_outputs), task=task,
-                             temperature=temperature)
+  res = residuals_unchecked(jnp.asarray(targets), jnp.asarray(base_outputs), task=task,
+                            temperature=temperature)
+  _check_regression_residuals(res, task)
+  return res
 
 
 def build_memory(embeddings: Float[Array, "N D"],
@@ -238,7 +247,7 @@ def build_memory(embeddings: Float[Array, "N D"],
   if dim == 0:
     raise ValueError(f"embeddings must have D >= 1 features, got "
                      f"embeddings.shape={tuple(embeddings.shape)}")
-  v.check_finite("embeddings", embeddings)
+  v.check_finite32("embeddings", embeddings)
   targets, base_outputs, temperature = _check_targets_outputs(
       targets, base_outputs, task=task, temperature=temperature, n=n)
   if fingerprint is not None and not isinstance(fingerprint, str):
@@ -266,9 +275,19 @@ def build_memory(embeddings: Float[Array, "N D"],
     # would sit whole on one device next to row-split keys.
     targets, outputs = (_put_rows(x, *placement) for x in (targets, outputs))
   res = _residuals_jit(targets, outputs, task=task, temperature=temperature)
+  _check_regression_residuals(res, task)
   if placement is not None:
     res = _put_rows(res, *placement)
   return Memory(keys=keys, residuals=res, outputs=outputs, targets=targets, meta=meta)
+
+
+def _check_regression_residuals(res, task: str) -> None:
+  """y - f(x) of finite float32 values can still overflow (3e38 - (-3e38)): raise
+  rather than memorize inf. Classification residuals lie in [-1, 1]."""
+  if task == "regression" and not v.is_traced(res) and not bool(jnp.all(jnp.isfinite(res))):
+    raise ValueError("targets - base_outputs must be finite in float32, the regression "
+                     "residuals' dtype, but overflows (|difference| > 3.4e38); rescale "
+                     "the targets")
 
 
 def _put_rows(x, mesh: jax.sharding.Mesh, axes: tuple[str, ...]):
@@ -377,6 +396,7 @@ def check_memory(mem: Any, *, task: str | None = None,
   if not isinstance(mem, Memory):
     raise TypeError(f"mem must be a rm.Memory (from rm.build_memory or rm.load_memory), "
                     f"got {type(mem).__name__}")
+  check_meta(mem.meta)
   _check_arrays_match_meta(mem)
   if task is not None:
     v.check_choice("task", task, TASKS)
@@ -386,6 +406,32 @@ def check_memory(mem: Any, *, task: str | None = None,
     raise ValueError(f"mem was built from a base model with fingerprint="
                      f"{mem.meta.fingerprint!r}, got fingerprint={fingerprint!r}")
   return mem
+
+
+def check_meta(meta: Any) -> None:
+  """Raises ValueError unless `meta` is a MemoryMeta that `build_memory` could have
+  written: a `dataclasses.replace` or an edited saved memory may hold a T <= 0 (which
+  `tempered_softmax` would clamp to the one-hot limit) or an unknown task."""
+  if not isinstance(meta, MemoryMeta):
+    raise TypeError(f"mem.meta must be a rm.MemoryMeta, got {type(meta).__name__}")
+  v.check_choice("mem.meta.task", meta.task, TASKS)
+  if isinstance(meta.temperature, bool) or not isinstance(meta.temperature, (int, float)) \
+      or not (np.isfinite(meta.temperature) and meta.temperature > 0):
+    raise ValueError(f"mem.meta.temperature must be a finite float > 0, got "
+                     f"mem.meta.temperature={meta.temperature!r}")
+  for name in ("dim", "n_outputs"):
+    value = getattr(meta, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"mem.meta.{name} must be an int >= 1, got mem.meta.{name}={value!r}")
+  c = meta.n_outputs
+  shapes = [(c,)] if meta.task == "classification" else ([(), (1,)] if c == 1 else [(c,)])
+  if meta.output_shape not in shapes:
+    raise ValueError(f"mem.meta.output_shape must be one of {shapes} for task="
+                     f"{meta.task!r} and n_outputs={c}, got "
+                     f"mem.meta.output_shape={meta.output_shape!r}")
+  if meta.fingerprint is not None and not isinstance(meta.fingerprint, str):
+    raise ValueError(f"mem.meta.fingerprint must be a str or None, got "
+                     f"mem.meta.fingerprint={meta.fingerprint!r}")
 
 
 def _check_arrays_match_meta(mem: Memory) -> None:
@@ -429,8 +475,8 @@ def check_queries(mem: Memory, embeddings, base_outputs, *, emb_name: str = "emb
             else f"per-example shape {mem.meta.output_shape}")
     raise ValueError(f"{out_name} must be shaped {expected} (one row per query, {what} "
                      f"as in the memory), got {out_name}.shape={tuple(base_outputs.shape)}")
-  v.check_finite(emb_name, embeddings)
-  v.check_finite(out_name, base_outputs)
+  v.check_finite32(emb_name, embeddings)
+  v.check_finite32(out_name, base_outputs)
   return embeddings, base_outputs
 
 
@@ -477,8 +523,8 @@ def _check_targets_outputs(targets, base_outputs, *, task, temperature, n,
   if task == "classification":
     check_labels(targets_name, targets, base_outputs.shape[1])
   else:
-    v.check_finite(targets_name, targets)
-  v.check_finite(outputs_name, base_outputs)
+    v.check_finite32(targets_name, targets)
+  v.check_finite32(outputs_name, base_outputs)
   return targets, base_outputs, temperature
 
 

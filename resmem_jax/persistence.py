@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from resmem_jax.memory import TASKS, Memory, MemoryMeta, check_memory
+from resmem_jax.memory import TASKS, Memory, MemoryMeta, check_meta, check_memory
 
 # 2: each array's shape and dtype in the metadata (1 assumed float32 residuals and
 # outputs). Both are read.
@@ -237,15 +237,11 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
     raw = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # Orbax raises several types for a foreign directory.
     raise ValueError(f"path does not hold a saved rm.Memory, got path={shown!r}: {e}") from None
-  if raw.get("format_version") not in _READABLE_VERSIONS:
-    raise ValueError(f"path holds format_version={raw.get('format_version')!r}, this "
-                     f"version reads {_READABLE_VERSIONS}: path={shown!r}")
-  task_saved = raw["task"]
-  meta = MemoryMeta(task=task_saved,
-                    temperature=1.0 if task_saved == "regression" else float(raw["temperature"]),
-                    dim=int(raw["dim"]), n_outputs=int(raw["n_outputs"]),
-                    output_shape=tuple(raw["output_shape"]), dtype=raw["dtype"],
-                    fingerprint=raw["fingerprint"])
+  version = raw.get("format_version") if isinstance(raw, dict) else None
+  if type(version) is not int or version not in _READABLE_VERSIONS:  # not True, not 1.0
+    raise ValueError(f"path holds format_version={version!r}, this version reads "
+                     f"{_READABLE_VERSIONS}: path={shown!r}")
+  meta = _parse_meta(raw, shown)
   if task is not None and task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got task={task!r}")
   for name, want, have in (("task", task, meta.task), ("dim", dim, meta.dim),
@@ -254,18 +250,22 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
     if want is not None and want != have:
       raise ValueError(f"the memory at {shown!r} has {name}={have!r}, got {name}={want!r}")
 
-  n, c = int(raw["size"]), meta.n_outputs
-  if "arrays" in raw:
-    specs = {name: (tuple(raw["arrays"][name]["shape"]), raw["arrays"][name]["dtype"])
-             for name in _ARRAYS}
-  else:  # format_version 1: residuals and outputs were always float32.
-    specs = {"keys": ((n, meta.dim), meta.dtype), "residuals": ((n, c), "float32"),
-             "outputs": ((n, c), "float32"),
-             "targets": ((n,) if meta.task == "classification" else (n, c),
-                         raw["targets_dtype"])}
+  try:
+    n, c = int(raw["size"]), meta.n_outputs
+    if "arrays" in raw:
+      specs = {name: (tuple(int(d) for d in raw["arrays"][name]["shape"]),
+                      jnp.dtype(raw["arrays"][name]["dtype"])) for name in _ARRAYS}
+    else:  # format_version 1: residuals and outputs were always float32.
+      specs = {"keys": ((n, meta.dim), jnp.dtype(meta.dtype)),
+               "residuals": ((n, c), jnp.dtype("float32")),
+               "outputs": ((n, c), jnp.dtype("float32")),
+               "targets": ((n,) if meta.task == "classification" else (n, c),
+                           jnp.dtype(raw["targets_dtype"]))}
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"the memory at {shown!r} has unreadable array metadata "
+                     f"({type(e).__name__}: {e}); save it again with rm.save_memory") from None
   target = {}
   for name, (shape, dtype) in specs.items():
-    dtype = jnp.dtype(dtype)
     if jax.dtypes.canonicalize_dtype(dtype) != dtype:
       raise ValueError(
           f"the memory at {shown!r} stores {name} as {dtype.name}, which JAX holds only "
@@ -273,9 +273,40 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
           f"loading it (or save a {jax.dtypes.canonicalize_dtype(dtype).name} copy)")
     target[name] = jax.ShapeDtypeStruct(shape, dtype,
                                         sharding=_row_sharding(sharding, len(shape), n))
-  arrays = ckptr.restore(path, args=ocp.args.Composite(
-      arrays=ocp.args.StandardRestore(target)))["arrays"]
-  return Memory(meta=meta, **{name: arrays[name] for name in _ARRAYS})
+  try:
+    arrays = ckptr.restore(path, args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(target)))["arrays"]
+  except KeyError as e:  # Orbax's word for a missing item or array
+    raise ValueError(f"the memory at {shown!r} is incomplete (KeyError: {e}); save it "
+                     f"again with rm.save_memory") from None
+  mem = Memory(meta=meta, **{name: arrays[name] for name in _ARRAYS})
+  try:  # the arrays are what the metadata says
+    check_memory(mem)
+    _check_keys_dtype(mem)
+    if mem.size != n:
+      raise ValueError(f"size={n} but the arrays hold N={mem.size} rows")
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"the memory at {shown!r} disagrees with its metadata: {e}") from None
+  return mem
+
+
+def _parse_meta(raw: dict, shown: str) -> MemoryMeta:
+  """The `MemoryMeta` of saved metadata, checked like any memory's (`check_memory`)."""
+  try:
+    task = raw["task"]
+    meta = MemoryMeta(
+        task=task, temperature=1.0 if task == "regression" else float(raw["temperature"]),
+        dim=int(raw["dim"]), n_outputs=int(raw["n_outputs"]),
+        output_shape=tuple(int(d) for d in raw["output_shape"]), dtype=str(raw["dtype"]),
+        fingerprint=raw["fingerprint"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"the memory at {shown!r} has unreadable metadata "
+                     f"({type(e).__name__}: {e}); save it again with rm.save_memory") from None
+  try:
+    check_meta(meta)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"the memory at {shown!r} has invalid metadata: {e}") from None
+  return meta
 
 
 def _row_sharding(sharding, ndim: int, n: int):

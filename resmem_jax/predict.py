@@ -41,20 +41,30 @@ def neighbour_weights(distances: Float[Array, "Q k"], *, sigma) -> Float[Array, 
   exponent is exactly 0: no overflow or underflow to an all-zero row for any distances
   (inf included) and any sigma > 0 (`bandwidth` clamps sigma to [2^-126, 2^126], where
   it and its reciprocal are normal float32s). Weights are non-negative and sum to 1.
+  Distances below float32's smallest normal (~1.2e-38) are read as 0 (XLA flushes
+  subnormals), so such neighbours tie.
 
   Args:
     distances: (Q, k) neighbour distances (any order).
-    sigma: bandwidth > 0 (a float or a traced scalar).
+    sigma: bandwidth > 0: a float or a 0-d array (checked), or a traced scalar (under
+      jit, where it cannot be checked: a sigma <= 0 or not finite gives NaN weights).
 
   Returns:
     (Q, k) float32 weights.
+
+  Raises:
+    ValueError: a concrete sigma <= 0 or not finite.
 
   Example:
     >>> rm.neighbour_weights(jnp.array([[0.0, 1e6]]), sigma=1e-3)
     Array([[1., 0.]], dtype=float32)
   """
+  sigma = check_sigma("sigma", sigma)
   e = jnp.exp(-shift_to_nearest(distances) / bandwidth(sigma))
-  return e / jnp.sum(e, axis=-1, keepdims=True)
+  weights = e / jnp.sum(e, axis=-1, keepdims=True)
+  if v.is_traced(sigma):  # unchecked: a bad sigma must not pass as the sigma -> 0 limit
+    weights = jnp.where(jnp.isfinite(sigma) & (sigma > 0), weights, jnp.nan)
+  return weights
 
 
 def shift_to_nearest(distances: Float[Array, "... k"]) -> Float[Array, "... k"]:
@@ -106,21 +116,28 @@ def aggregate_residuals(residuals: Float[Array, "N C"], indices: Int[Array, "Q k
 
 
 def drop_excluded(distances: Float[Array, "Q k1"], indices: Int[Array, "Q k1"],
-                  exclude: Int[Array, "Q"]) -> KnnResult:
+                  exclude: Int[Array, "Q"], *, n: int | None = None) -> KnnResult:
   """From k + 1 neighbours keep k: drop `exclude[q]` where present, else the last.
 
   The k + 1 neighbours of a search are ordered by (distance, index); removing one
   memory point from the memory removes it from that order and shifts the rest up, so
   the result equals a k-search on the memory without that point (indices still refer
   to the full memory).
+
+  `n` (static), the memory's size: a row whose `exclude` lies outside [0, n) excludes
+  nothing, so its distances are set to NaN (under jit, where `predict` cannot check a
+  traced `exclude`, the row's prediction is then NaN rather than a plausible one).
   """
   k = indices.shape[1] - 1
   hit = indices == exclude[:, None]
   drop = jnp.where(jnp.any(hit, axis=1), jnp.argmax(hit, axis=1), k)
   cols = jnp.arange(k)[None, :]
   src = cols + (cols >= drop[:, None]).astype(cols.dtype)
-  return KnnResult(jnp.take_along_axis(distances, src, axis=1),
-                   jnp.take_along_axis(indices, src, axis=1))
+  distances = jnp.take_along_axis(distances, src, axis=1)
+  if n is not None:
+    valid = (exclude >= 0) & (exclude < n)
+    distances = jnp.where(valid[:, None], distances, jnp.nan)
+  return KnnResult(distances, jnp.take_along_axis(indices, src, axis=1))
 
 
 def check_k_exclude(mem: Memory, n_queries: int, k, exclude, *, k_name: str = "k"):
@@ -181,11 +198,12 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
     res = knn(queries, mem.keys, search_k, implementation=implementation)
     if exclude is not None:
       res = _drop_excluded_jit(res.distances, res.indices,
-                               jnp.asarray(_pad_rows(exclude[start:stop], rows), jnp.int32))
+                               jnp.asarray(_pad_rows(exclude[start:stop], rows), jnp.int32),
+                               n=mem.size)
     yield stop - start, res, tuple(_pad_rows(x[start:stop], rows) for x in extra)
 
 
-_drop_excluded_jit = jax.jit(drop_excluded)
+_drop_excluded_jit = jax.jit(drop_excluded, static_argnames="n")
 
 
 @functools.partial(jax.jit, static_argnames=("task", "temperature", "placement"))
@@ -223,9 +241,11 @@ def predict(mem: Memory, embeddings: Float[Array, "Q D"], base_outputs: Float[Ar
       (Q,) + mem.meta.output_shape (regression).
     k: neighbours, 1 <= k <= N (k <= N - 1 with `exclude`).
     sigma: softmax bandwidth > 0: a float, a 0-d array, or a traced scalar under jit
-      (then unchecked; predictions are differentiable in it).
+      (predictions are differentiable in it; it cannot be checked there, so a traced
+      sigma <= 0 or not finite gives NaN predictions).
     exclude: optional (Q,) int memory indices; query q never uses memory point
-      exclude[q] (leave-one-out on the training set).
+      exclude[q] (leave-one-out on the training set). Under jit a traced value
+      outside [0, N) cannot be checked either: its row's prediction is NaN.
     task: optional; when given, must equal the memory's task.
     fingerprint: optional base-model fingerprint; when given, must equal the memory's.
     implementation: kNN implementation (see `rm.knn`); None picks the best.

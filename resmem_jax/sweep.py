@@ -362,7 +362,7 @@ def _check_query_targets(mem: Memory, targets, base_outputs):
     if tuple(targets.shape) != tuple(base_outputs.shape):
       raise ValueError(f"targets must have the shape of base_outputs "
                        f"{tuple(base_outputs.shape)}, got targets.shape={tuple(targets.shape)}")
-    v.check_finite("targets", targets)
+    v.check_finite32("targets", targets)
   return targets
 
 

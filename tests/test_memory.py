@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import subprocess
@@ -280,3 +281,58 @@ def test_residuals_rejects_bad_input():
     rm.residuals(np.where(np.arange(10) == 0, 9, y), z)
   with pytest.raises(ValueError, match="temperature=0"):
     rm.residuals(y, z, temperature=0)
+
+
+def test_regression_residuals_that_overflow_float32_are_refused():
+  """Finite float32 targets and outputs whose difference is beyond float32."""
+  x = np.zeros((30, 4), np.float32)
+  y, f = np.full(30, 3e38, np.float32), np.full(30, -3e38, np.float32)
+  with pytest.raises(ValueError, match="targets - base_outputs must be finite in float32"):
+    rm.build_memory(x, y, f, task="regression")
+  with pytest.raises(ValueError, match="targets - base_outputs must be finite in float32"):
+    rm.residuals(y, f, task="regression")
+
+
+def test_64_bit_values_beyond_float32_are_refused():
+  """With jax_enable_x64 on, float64 inputs pass as finite, but the memory computes in
+  float32: a logit of 1e39 used to become inf and give residuals [1, -0.5, -0.5]."""
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(10, 3)), np.arange(10) % 3
+  with jax.enable_x64(True):
+    with pytest.raises(ValueError, match=r"base_outputs must lie within float32's range"):
+      rm.build_memory(x, y, np.tile([[2e38, 1e39, 3e39]], (10, 1)))
+    with pytest.raises(ValueError, match=r"targets must lie within float32's range"):
+      rm.build_memory(x, np.full(10, 1e39), np.zeros(10), task="regression")
+    with pytest.raises(ValueError, match=r"embeddings must lie within float32's range"):
+      rm.build_memory(x * 1e39, y, np.zeros((10, 3)))
+    mem = rm.build_memory(x, y, np.zeros((10, 3)))
+    with pytest.raises(ValueError, match=r"base_outputs must lie within float32's range"):
+      rm.predict(mem, x, np.full((10, 3), 1e39), k=2, sigma=1.0)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("temperature", -1.0, "mem.meta.temperature must be a finite float > 0"),
+    ("temperature", 0.0, "mem.meta.temperature must be a finite float > 0"),
+    ("task", "ranking", "mem.meta.task must be one of"),
+    ("output_shape", (4,), "mem.meta.output_shape must be one of"),
+    ("dim", 0, "mem.meta.dim must be an int >= 1"),
+])
+def test_a_meta_edited_to_invalid_values_is_refused(field, value, message):
+  """`dataclasses.replace` on the meta can leave what `build_memory` never writes; a
+  T <= 0 used to predict silently with T clamped to the one-hot limit."""
+  _, y, z = _data(n=10, c=3)
+  mem = rm.build_memory(np.zeros((10, 2), np.float32), y, z)
+  bad = mem._replace(meta=dataclasses.replace(mem.meta, **{field: value}))
+  with pytest.raises(ValueError, match=message):
+    rm.predict(bad, np.zeros((2, 2), np.float32), np.zeros((2, 3), np.float32), k=2, sigma=1.0)
+
+
+def test_base_prediction_checks_task_and_temperature():
+  z = jnp.array([[0.0, 1.0]])
+  with pytest.raises(ValueError, match="task='clasification'"):
+    rm.base_prediction(z, task="clasification")
+  for t in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+      rm.base_prediction(z, task="classification", temperature=t)
+  np.testing.assert_allclose(rm.base_prediction(z, task="classification", temperature=1.0),
+                             [[0.26894142, 0.7310586]], rtol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +198,34 @@ def test_paths_expand_home_and_keep_cloud_urls(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert rm.load_memory("mem").size == 64  # relative to the working directory
   assert os.fspath(persistence._resolve("gs://bucket/memory")) == "gs://bucket/memory"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda raw: raw.update(temperature=-1.0), "temperature must be a finite float > 0"),
+    (lambda raw: raw.update(task="ranking"), "task must be one of"),
+    (lambda raw: raw.pop("task"), r"unreadable metadata \(KeyError: 'task'\)"),
+    (lambda raw: raw.pop("fingerprint"), "unreadable metadata"),
+    (lambda raw: raw.update(output_shape=[4]), "output_shape must be one of"),
+    (lambda raw: raw.update(dtype="floaty"), "mem.keys.dtype must be mem.meta.dtype='floaty'"),
+    (lambda raw: raw["arrays"]["keys"].update(dtype="float16"), "mem.keys.dtype must be"),
+    (lambda raw: raw.update(size=63), "size=63 but the arrays hold N=64"),
+    (lambda raw: raw.update(format_version=True), "format_version=True"),
+    (lambda raw: raw.update(format_version=2.0), "format_version=2.0"),
+])
+def test_load_refuses_metadata_that_is_edited_or_corrupt(tmp_path, edit, message):
+  """Hand-edited or damaged metadata raises ValueError naming the field, instead of
+  a KeyError, or a memory that predicts with T clamped to the one-hot limit."""
+  path = rm.save_memory(tmp_path / "mem", _memory())
+  meta_file = tmp_path / "mem" / "meta" / "metadata"
+  raw = json.loads(meta_file.read_text())
+  edit(raw)
+  meta_file.write_text(json.dumps(raw))
+  with pytest.raises(ValueError, match=message):
+    rm.load_memory(path)
+
+
+def test_load_refuses_a_memory_without_its_arrays(tmp_path):
+  path = rm.save_memory(tmp_path / "mem", _memory())
+  shutil.rmtree(tmp_path / "mem" / "arrays")
+  with pytest.raises(ValueError, match="is incomplete"):
+    rm.load_memory(path)

@@ -299,3 +299,38 @@ def test_regression_memory_rejects_classification_shaped_outputs():
     rm.predict(mem, x[:2], np.zeros((2, 5), np.float32), k=1, sigma=1.0)
   with pytest.raises(ValueError, match="built for task='regression'"):
     rm.predict(mem, x[:2], np.zeros(2, np.float32), k=1, sigma=1.0, task="classification")
+
+
+def test_under_jit_a_bad_sigma_or_exclude_gives_nan_rows():
+  """Traced values cannot be checked: a sigma <= 0 used to act as the sigma -> 0 limit
+  and an exclude outside [0, N) as no exclusion, both plausible; now they are NaN."""
+  mem, x, _, z, _, _ = _classification(n=30)
+  f = jax.jit(lambda e, o, ex, s: rm.predict(mem, e, o, k=3, sigma=s, exclude=ex))
+  good = np.asarray(f(x[:3], z[:3], jnp.array([0, 1, 2]), 1.0))
+  assert np.isfinite(good).all()
+  np.testing.assert_allclose(
+      good, rm.predict(mem, x[:3], z[:3], k=3, sigma=1.0, exclude=np.arange(3)), atol=1e-6)
+  out = np.asarray(f(x[:3], z[:3], jnp.array([0, 999, -1]), 1.0))
+  np.testing.assert_array_equal(out[0], good[0])
+  assert np.isnan(out[1:]).all()
+  for sigma in (0.0, -1.0, float("inf"), float("nan")):
+    assert np.isnan(np.asarray(f(x[:3], z[:3], jnp.array([0, 1, 2]), sigma))).all(), sigma
+
+
+def test_neighbour_weights_checks_a_concrete_sigma():
+  d = jnp.array([[0.0, 1.0]])
+  for sigma in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+      rm.neighbour_weights(d, sigma=sigma)
+  traced = jax.jit(lambda s: rm.neighbour_weights(d, sigma=s))
+  assert np.isnan(np.asarray(traced(-1.0))).all()
+  np.testing.assert_allclose(traced(1.0), rm.neighbour_weights(d, sigma=1.0), rtol=1e-6)
+
+
+def test_drop_excluded_marks_out_of_range_rows():
+  dist = jnp.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+  idx = jnp.array([[4, 2, 7], [4, 2, 7]], jnp.int32)
+  res = rm.drop_excluded(dist, idx, jnp.array([2, 10]), n=10)
+  np.testing.assert_array_equal(res.indices, [[4, 7], [4, 2]])
+  np.testing.assert_array_equal(res.distances[0], [0.0, 2.0])
+  assert np.isnan(np.asarray(res.distances[1])).all()
