@@ -58,12 +58,16 @@ def check_finite32(name: str, x) -> None:
   top = finite_magnitude(name, x)
   limit = float(np.finfo(np.float32).max)
   if top is not None and top > limit:
-    host = np.abs(np.asarray(x))
-    bad = np.unravel_index(int(np.argmax(host)), host.shape)
-    raise ValueError(
-        f"{name} must lie within float32's range (|value| <= {limit:.4g}): ResMem "
-        f"computes its residuals, distances and weights in float32; got "
-        f"{name}[{', '.join(map(str, bad))}]={np.asarray(x)[bad]}")
+    _raise_beyond(name, x, limit, "lie within float32's range",
+                  ": ResMem computes its residuals, distances and weights in float32;")
+
+
+def _raise_beyond(name: str, x, limit: float, must: str, why: str) -> None:
+  """ValueError naming the largest |entry| of `x`, which exceeds `limit`."""
+  host = np.abs(np.asarray(x))
+  bad = np.unravel_index(int(np.argmax(host)), host.shape)
+  raise ValueError(f"{name} must {must} (|value| <= {limit:.4g}){why} got "
+                   f"{name}[{', '.join(map(str, bad))}]={np.asarray(x)[bad]}")
 
 
 _max_abs = jax.jit(lambda x: jnp.max(jnp.abs(x)))  # one compiled program per shape, not two
@@ -90,12 +94,8 @@ def finite_magnitude(name: str, x) -> float | None:
     raise ValueError(f"{name} must be finite, got {name}[{', '.join(map(str, bad))}]={value}")
   dtype = jax.dtypes.canonicalize_dtype(x.dtype)
   if jnp.issubdtype(dtype, jnp.floating) and top > float(jnp.finfo(dtype).max):
-    host = np.abs(np.asarray(x))
-    bad = np.unravel_index(int(np.argmax(host)), host.shape)
-    raise ValueError(
-        f"{name} must be finite in {dtype.name}, the dtype JAX computes it in (|value| <= "
-        f"{float(jnp.finfo(dtype).max):.4g}), got {name}[{', '.join(map(str, bad))}]="
-        f"{np.asarray(x)[bad]}")
+    _raise_beyond(name, x, float(jnp.finfo(dtype).max),
+                  f"be finite in {dtype.name}, the dtype JAX computes it in", ",")
   return top
 
 
