@@ -71,7 +71,7 @@ def default_implementation(n_queries: int, n_keys: int, k: int, dim: int, dtype,
   """The best registered implementation for the default backend and this problem."""
   platform = _platform()
   if (platform in ("gpu", "tpu") and platform not in _PALLAS_FAILED and _pallas_knn is not None
-      and _pallas_knn.is_supported(k=n_candidates(k, n_keys, metric), dim=dim, dtype=dtype,
+      and _pallas_knn.is_supported(k=n_candidates(k, n_keys), dim=dim, dtype=dtype,
                                    platform=platform, metric=metric)):
     return "pallas"
   if n_queries * n_keys <= REFERENCE_MAX_PAIRS:
@@ -147,10 +147,9 @@ def candidate_margin(k: int) -> int:
   return max(4, k // 16)
 
 
-def n_candidates(k: int, n: int, metric: str) -> int:
+def n_candidates(k: int, n: int) -> int:
   """How many candidates `search_certified` re-scores for a k-search over n keys (either
   metric: the margin is what the certificate's gap stands on)."""
-  del metric
   return min(n, k + candidate_margin(k))
 
 
@@ -212,10 +211,10 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   """
   n, dim = keys.shape
   exact = implementation == "direct"
-  n_cand = k if exact else n_candidates(k, n, metric)
+  n_cand = k if exact else n_candidates(k, n)
   # The direct fallback re-scores at the same width as the ranked search, so the
   # distances it returns for a row are the same bits.
-  width = width or n_candidates(k, n, metric)
+  width = width or n_candidates(k, n)
   if implementation == "direct":
     q_rank, k_rank = queries * scale, keys * scale  # no centring: see kernels/direct.py
   else:
@@ -243,20 +242,17 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   gamma = (4.0 * (dim + 2) / 2 + 2.0 * tagged_ulps) * float(jnp.finfo(scores.dtype).eps)
   radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)
-  if metric == "ip":
+  s_m = jnp.max(scores, axis=-1)
+  if metric == "ip":  # scores and distances are both -<q, x> on the scaled data
     error = gamma * jnp.sqrt(q_sq) * radius
+    separated = distances[:, k - 1] + error < s_m - error
   else:
     error = gamma * (radius * radius + 2.0 * jnp.sqrt(q_sq) * radius)
+    separated = jnp.square(distances[:, k - 1]) * (1.0 + gamma) < s_m + q_sq - error
   trusted = _top_score_is_its_keys(q_rank, k_rank, scores, ranked, metric, gamma, error,
                                    q_sq, radius)
-  if n_cand == n:
-    return unscale(distances[:, :k]), indices[:, :k], trusted
-  if metric == "ip":  # scores and distances are both -<q, x> on the scaled data
-    certified = distances[:, k - 1] + error < jnp.max(scores, axis=-1) - error
-  else:
-    excluded_at_least = jnp.max(scores, axis=-1) + q_sq - error
-    certified = jnp.square(distances[:, k - 1]) * (1.0 + gamma) < excluded_at_least
-  certified = trusted & certified
+  # Every key is a candidate when n_cand == n: nothing was left out to separate.
+  certified = trusted if n_cand == n else trusted & separated
   return unscale(distances[:, :k]), indices[:, :k], certified
 
 
@@ -408,9 +404,9 @@ def _default_kernel_or_xla(search: Callable, *arrays):
 def _check_pallas_k(k: int, n_keys: int, metric: str) -> None:
   """The kernel's running top-k holds k plus the certificate's margin: say so in k."""
   limit = _pallas_knn.max_k(_pallas_knn.backend_for(_platform()), metric)
-  need = n_candidates(k, n_keys, metric)
+  need = n_candidates(k, n_keys)
   if need > limit:
-    largest = max(j for j in range(1, limit + 1) if n_candidates(j, n_keys, metric) <= limit)
+    largest = max(j for j in range(1, limit + 1) if n_candidates(j, n_keys) <= limit)
     raise ValueError(
         f"implementation='pallas' keeps at most {limit} candidates per query here, and "
         f"k={k} needs {need} (k plus a certificate margin of {need - k}): use k <= "

@@ -158,7 +158,7 @@ def torch_true_neighbours(queries, keys, k, device, block: int = 1024):
 
 def pallas_raw_method(queries, keys, k):
   """The kernel alone on centred inputs, at the public op's candidate count."""
-  m = api.n_candidates(k, keys.shape[0], "l2")
+  m = api.n_candidates(k, keys.shape[0])
   mean = keys.mean(axis=0, dtype=np.float64).astype(np.float32)
   q, x = jnp.asarray(queries - mean), jnp.asarray(keys - mean)
   kernel = jax.jit(lambda q, x: pallas_knn.knn_pallas(q, x, m, metric="l2")[1])
@@ -173,7 +173,7 @@ def pallas_support(config: Config, backend: str) -> str | None:
   """None if the kernel runs this config on `backend`, else the reason it does not."""
   if pallas_knn is None:
     return "this jax has no Pallas"
-  m = api.n_candidates(config.k, config.n, "l2")
+  m = api.n_candidates(config.k, config.n)
   if backend == "cpu":  # interpreted: the TPU kernel's limits
     return None if m <= pallas_knn.MAX_K else f"k + margin = {m} > MAX_K = {pallas_knn.MAX_K}"
   if pallas_knn.is_supported(k=m, dim=config.d, dtype=jnp.float32, platform=backend):

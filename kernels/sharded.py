@@ -145,7 +145,7 @@ def _knn_sharded(queries, keys, magnitude, *, k, metric, implementation, block_s
   scale, mean = api.scale_and_mean(queries, keys, magnitude, metric)
 
   # Re-score as many columns as one device would, so the distances are the same bits.
-  width = api.n_candidates(k, keys.shape[0], metric)
+  width = api.n_candidates(k, keys.shape[0])
 
   def local(q, x, mu, s):
     dist, idx, certified = api.search_certified(

@@ -409,21 +409,16 @@ def check_memory(mem: Any, *, task: str | None = None,
 
 
 def check_meta(meta: Any) -> None:
-  """Raises ValueError unless `meta` is a MemoryMeta that `build_memory` could have
-  written: a `dataclasses.replace` or an edited saved memory may hold a T <= 0 (which
-  `tempered_softmax` would clamp to the one-hot limit) or an unknown task."""
+  """Raises ValueError (TypeError for a wrong type) unless `meta` is a MemoryMeta that
+  `build_memory` could have written: a `dataclasses.replace` or an edited saved memory
+  may hold a T <= 0 (which `tempered_softmax` would clamp to the one-hot limit) or an
+  unknown task."""
   if not isinstance(meta, MemoryMeta):
     raise TypeError(f"mem.meta must be a rm.MemoryMeta, got {type(meta).__name__}")
   v.check_choice("mem.meta.task", meta.task, TASKS)
-  if isinstance(meta.temperature, bool) or not isinstance(meta.temperature, (int, float)) \
-      or not (np.isfinite(meta.temperature) and meta.temperature > 0):
-    raise ValueError(f"mem.meta.temperature must be a finite float > 0, got "
-                     f"mem.meta.temperature={meta.temperature!r}")
-  for name in ("dim", "n_outputs"):
-    value = getattr(meta, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"mem.meta.{name} must be an int >= 1, got mem.meta.{name}={value!r}")
-  c = meta.n_outputs
+  check_temperature("mem.meta.temperature", meta.temperature)
+  v.check_int("mem.meta.dim", meta.dim, low=1)
+  c = v.check_int("mem.meta.n_outputs", meta.n_outputs, low=1)
   shapes = [(c,)] if meta.task == "classification" else ([(), (1,)] if c == 1 else [(c,)])
   if meta.output_shape not in shapes:
     raise ValueError(f"mem.meta.output_shape must be one of {shapes} for task="

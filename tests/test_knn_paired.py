@@ -151,7 +151,7 @@ def test_paired_search_is_exact_with_and_without_crowded_chunks(per_query, regim
   queries, keys = random_data(per_query, 40, 3001, 16)
   keys = near_copies(rng, queries, keys, per_query, block=2) if per_query else keys
   k = 2 * per_query + 5  # all near-copies plus a few ordinary keys
-  crowded = crowded_count(queries, keys, api.n_candidates(k, 3001, "l2"))
+  crowded = crowded_count(queries, keys, api.n_candidates(k, 3001))
   if regime == "none":
     assert crowded.max() <= 1
   elif regime == "slots":
@@ -177,7 +177,7 @@ def test_duplicate_keys_in_one_chunk_tie_lower_index_first():
 def test_default_paired_search_at_scale_is_certified():
   """The default tiles pick pairs here (k = 50 over 20k keys); ragged last tile."""
   queries, keys = random_data(9, 300, 20_001, 32)
-  assert BlockSizes.get_default(api.n_candidates(50, 20_001, "l2"), 32, 20_001).pairs
+  assert BlockSizes.get_default(api.n_candidates(50, 20_001), 32, 20_001).pairs
   result, certified = paired_search(queries, keys, 50, block_sizes=None)
   assert certified.all()
   check_result(result, queries, keys, 50)

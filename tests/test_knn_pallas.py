@@ -151,8 +151,8 @@ def test_k_at_the_kernel_maximum():
   # The wrapper asks the kernel for k + margin candidates (the exactness certificate):
   # the largest public k is the one whose candidate count is the kernel's maximum.
   queries, keys = random_data(22, 9, 700, 5)
-  k = max(k for k in range(1, pk.MAX_K + 1) if api.n_candidates(k, 700, "l2") <= pk.MAX_K)
-  assert api.n_candidates(k, 700, "l2") == pk.MAX_K
+  k = max(k for k in range(1, pk.MAX_K + 1) if api.n_candidates(k, 700) <= pk.MAX_K)
+  assert api.n_candidates(k, 700) == pk.MAX_K
   result = resmem_jax.knn(queries, keys, k, implementation="pallas", block_sizes=SMALL)
   check_result(result, queries, keys, k)
 

@@ -311,11 +311,11 @@ def test_64_bit_values_beyond_float32_are_refused():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("temperature", -1.0, "mem.meta.temperature must be a finite float > 0"),
-    ("temperature", 0.0, "mem.meta.temperature must be a finite float > 0"),
+    ("temperature", -1.0, "mem.meta.temperature must be finite and > 0"),
+    ("temperature", 0.0, "mem.meta.temperature must be finite and > 0"),
     ("task", "ranking", "mem.meta.task must be one of"),
     ("output_shape", (4,), "mem.meta.output_shape must be one of"),
-    ("dim", 0, "mem.meta.dim must be an int >= 1"),
+    ("dim", 0, "mem.meta.dim must satisfy 1 <= mem.meta.dim"),
 ])
 def test_a_meta_edited_to_invalid_values_is_refused(field, value, message):
   """`dataclasses.replace` on the meta can leave what `build_memory` never writes; a

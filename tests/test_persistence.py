@@ -201,7 +201,7 @@ def test_paths_expand_home_and_keep_cloud_urls(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda raw: raw.update(temperature=-1.0), "temperature must be a finite float > 0"),
+    (lambda raw: raw.update(temperature=-1.0), "temperature must be finite and > 0"),
     (lambda raw: raw.update(task="ranking"), "task must be one of"),
     (lambda raw: raw.pop("task"), r"unreadable metadata \(KeyError: 'task'\)"),
     (lambda raw: raw.pop("fingerprint"), "unreadable metadata"),
