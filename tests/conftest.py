@@ -1,8 +1,12 @@
-"""Test-wide settings: rank promotion is an error, hypothesis runs a CI-sized budget."""
+"""Test-wide settings: rank promotion is an error, hypothesis runs a CI-sized budget,
+and a crashed xdist worker's fault dump is printed at the end of the run."""
 
+import faulthandler
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import pytest
@@ -39,3 +43,57 @@ def run_module(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
   return run
+
+
+# A worker killed by a fatal signal (a segfault in native code) prints Python's fault
+# dump to stderr mid-run: every thread's stack, then a long list of extension modules,
+# so the tail of a CI log holds neither the signal nor the crashing thread. Each worker
+# writes its dump to a file instead, and the controller prints it last in the run's
+# output: the signal, the crashing thread's stack, then the other threads' innermost
+# frames.
+_FAULT_DIR = pytest.StashKey[str]()
+_fault_file = None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):  # xdist controller, for each worker it starts
+  if _FAULT_DIR not in node.config.stash:
+    node.config.stash[_FAULT_DIR] = tempfile.mkdtemp(prefix="pytest-faults-")
+  node.workerinput["fault_dir"] = node.config.stash[_FAULT_DIR]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin has enabled it
+def pytest_configure(config):
+  global _fault_file
+  workerinput = getattr(config, "workerinput", {})
+  if "fault_dir" in workerinput:
+    name = f"{workerinput['workerid']}-pid{os.getpid()}.txt"
+    _fault_file = open(os.path.join(workerinput["fault_dir"], name), "w")  # pylint: disable=consider-using-with
+    faulthandler.enable(file=_fault_file, all_threads=True)
+
+
+def _crash_report(dump: str, frames: int = 12) -> str:
+  """The dump's signal line, the crashing thread, then each other thread's innermost
+  `frames` frames (Python 3.11 lists threads newest first, the crashing one anywhere)."""
+  blocks = dump.split("\nExtension modules:")[0].strip().split("\n\n")
+  current = [b for b in blocks[1:] if b.startswith("Current thread")]
+  others = ["\n".join(b.splitlines()[:frames + 1]) for b in blocks[1:] if b not in current]
+  return "\n\n".join([blocks[0], *current, *others])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  directory = config.stash.get(_FAULT_DIR, None)
+  if directory is None:
+    return
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name)) as f:
+      dump = f.read()
+    if dump.strip():
+      terminalreporter.section(f"fault dump of crashed worker {name[:-4]}", red=True)
+      terminalreporter.write_line(_crash_report(dump))
+
+
+def pytest_unconfigure(config):
+  directory = config.stash.get(_FAULT_DIR, None)
+  if directory is not None:
+    shutil.rmtree(directory, ignore_errors=True)
