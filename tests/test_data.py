@@ -94,6 +94,11 @@ def test_stratified_split():
     data.stratified_split(labels, (10, -1), seed=0)
   with pytest.raises(TypeError, match="sizes"):
     data.stratified_split(labels, (10, 2.5), seed=0)
+  # NaN labels formed a class with no members to give: a part came back short.
+  with pytest.raises(TypeError, match="labels must have an integer dtype"):
+    data.stratified_split(np.array([0.0, 1.0, np.nan, np.nan]), (4,), seed=0)
+  with pytest.raises(ValueError, match="labels must be"):
+    data.stratified_split(labels.reshape(10, 10), (5,), seed=0)
   with pytest.raises(ValueError, match="dataset"):
     data.load_splits("svhn")
 
@@ -228,6 +233,13 @@ def test_normalize():
   out = data.normalize(x, (10.0, 0.0, 5.0), (1.0, 2.0, 5.0))
   np.testing.assert_allclose(out[0, 0, 0], [0.0, 5.0, 1.0])
   assert out.dtype == jnp.float32
+  # Statistics of another channel count would broadcast: grey images came back RGB.
+  with pytest.raises(ValueError, match="one entry per channel"):
+    data.normalize(np.zeros((1, 2, 2, 1), np.uint8), (1.0, 2.0, 3.0), (1.0, 1.0, 1.0))
+  with pytest.raises(ValueError, match="one entry per channel"):
+    data.normalize(x, (5.0,), (2.0,))
+  with pytest.raises(ValueError, match="std must be finite and > 0"):
+    data.normalize(x, (1.0, 2.0, 3.0), (1.0, 0.0, 1.0))
 
 
 def test_mock_imagenet_is_decoded_lazily_to_square_crops():
