@@ -93,12 +93,13 @@ def _fmt(x) -> str:
 
 
 def _rank_key(row: dict):
-  """Best first: highest accuracy, then lowest log-loss (lowest mse); NaN ranks last."""
+  """Best first: highest accuracy, then lowest log-loss (lowest mse); NaN ranks last,
+  after inf."""
   def last_if_nan(x):
-    return math.inf if math.isnan(x) else x
+    return (True, 0.0) if math.isnan(x) else (False, x)
   if "accuracy" in row:
-    return (-row["accuracy"], last_if_nan(row["log_loss"]))
-  return (last_if_nan(row["mse"]),)
+    return (-row["accuracy"], *last_if_nan(row["log_loss"]))
+  return last_if_nan(row["mse"])
 
 
 def _check_grid(name: str, values, check) -> tuple:
@@ -178,22 +179,31 @@ def _classification_scores(dist, idx, zq, yq, mem_logits, mem_labels, sigmas, la
           "deepnet": _correct_and_log_loss(base, yq)}
 
 
-def _regression_scores(dist, idx, fq, yq, mem_outputs, mem_targets, sigmas, lams, *, ks):
-  """One query's squared errors (mean over outputs) for every method and setting.
+def _regression_scores(dist, idx, fq, yq, mem_residuals, mem_targets, sigmas, lams, *, ks,
+                       scale):
+  """One query's squared errors (mean over outputs) for every method and setting, in
+  units of `scale`^2 (errors are divided by the power of two `scale` before squaring,
+  so neither overflows float32 nor underflows).
+
+  ResMem averages the stored residuals, as `predict` does: f(x) + sum_j w_j r_j. (The
+  same value as f(x) + sum_j w_j y_j - sum_j w_j f(x_j), but that form rounds both
+  averages at the scale of the targets and loses a small residual under a large
+  offset.)
 
   Shapes: knn (S, n_k), resmem (S, n_k, 1), knn_lm (S, n_k, 1, L), deepnet (1,): the
   unit axis stands for the temperature, which regression does not have.
   """
   weights = _prefix_weights(dist, sigmas, ks)
-  rows = jnp.stack([mem_targets[idx], mem_outputs[idx]], axis=1)  # (K, 2, M)
+  rows = jnp.stack([mem_targets[idx], mem_residuals[idx]], axis=1)  # (K, 2, M)
   avg = jnp.einsum("snk,ktm->sntm", weights, rows, precision=HIGHEST)
-  knn_pred, out_avg = avg[:, :, 0], avg[:, :, 1]  # (S, n_k, M)
-  resmem = fq[None, None] + knn_pred - out_avg
+  knn_pred, res_avg = avg[:, :, 0], avg[:, :, 1]  # (S, n_k, M)
+  resmem = fq[None, None] + res_avg
   lam = lams.reshape(1, 1, -1, 1)
   knn_lm = lam * knn_pred[:, :, None] + (1.0 - lam) * fq[None, None, None]  # (S, n_k, L, M)
 
   def sq_err(pred):
-    return jnp.mean(jnp.square(pred - yq.reshape((1,) * (pred.ndim - 1) + (-1,))), axis=-1)
+    err = (pred - yq.reshape((1,) * (pred.ndim - 1) + (-1,))) / scale
+    return jnp.mean(jnp.square(err), axis=-1)
 
   return {"knn": sq_err(knn_pred), "resmem": sq_err(resmem)[:, :, None],
           "knn_lm": sq_err(knn_lm)[:, :, None], "deepnet": sq_err(fq)[None]}
@@ -201,21 +211,25 @@ def _regression_scores(dist, idx, fq, yq, mem_outputs, mem_targets, sigmas, lams
 
 @functools.partial(jax.jit, static_argnames=("task", "ks", "temperatures", "batch",
                                              "placement"))
-def _grid_sums(dist, idx, q_outputs, q_targets, valid, mem_outputs, mem_targets, sigmas,
-               lams, *, task, ks, temperatures, batch, placement):
-  """Sums over the valid queries of one chunk of every per-query metric."""
+def _grid_sums(dist, idx, q_outputs, q_targets, valid, mem_values, mem_targets, sigmas,
+               lams, scale, *, task, ks, temperatures, batch, placement):
+  """Sums over the valid queries of one chunk of every per-query metric.
+
+  `mem_values` are the memory's logits (classification: the residuals at each T come
+  from them) or its residuals (regression); `scale` is the unit of regression errors.
+  """
   if task == "classification":
     fn = functools.partial(_classification_scores, ks=ks, temperatures=temperatures)
   else:
-    fn = functools.partial(_regression_scores, ks=ks)
+    fn = functools.partial(_regression_scores, ks=ks, scale=scale)
   if placement is None:
     per_query = jax.lax.map(
-        lambda a: fn(*a, mem_outputs, mem_targets, sigmas, lams),
+        lambda a: fn(*a, mem_values, mem_targets, sigmas, lams),
         (dist, idx, q_outputs, q_targets), batch_size=batch)
   else:
     # Row-sharded memory: fetch the chunk's neighbour rows from their owners once,
     # then score against them as if they were a memory of k_max rows per query.
-    neigh_out = sharded.gather_rows(mem_outputs, idx, placement=placement)
+    neigh_out = sharded.gather_rows(mem_values, idx, placement=placement)
     neigh_tgt = sharded.gather_rows(mem_targets, idx, placement=placement)
     local_idx = jnp.broadcast_to(jnp.arange(idx.shape[1], dtype=idx.dtype), idx.shape)
     per_query = jax.lax.map(
@@ -225,10 +239,9 @@ def _grid_sums(dist, idx, q_outputs, q_targets, valid, mem_outputs, mem_targets,
   # float64 (one float32 sum over a 32768-query chunk drifted by ~1e-4 relative).
   n_rows = valid.shape[0]
   block = math.gcd(n_rows, SUM_BLOCK)
-  mask = valid.astype(jnp.float32)
 
-  def block_sums(x):
-    x = mask.reshape((-1,) + (1,) * (x.ndim - 1)) * x
+  def block_sums(x):  # a select, not a product: 0 * inf of a padding row would be NaN
+    x = jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
     return x.reshape((n_rows // block, block) + x.shape[1:]).sum(axis=1)
 
   return jax.tree.map(block_sums, per_query)
@@ -330,23 +343,39 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
   valid = np.ones(n_q, bool)
   sigma_arr = jnp.asarray(sigmas, jnp.float32)
   lam_arr = jnp.asarray(lams, jnp.float32)
+  regression = meta.task == "regression"
+  scale = _error_scale(mem, outputs, targets) if regression else 1.0
   totals = None
   for _, res, (q_out, q_y, q_valid) in search_chunks(
       mem, embeddings, k_max, exclude, implementation=implementation,
       query_chunk=query_chunk, extra=(outputs, targets, valid)):
-    sums = _grid_sums(res.distances, res.indices, q_out, q_y, q_valid, mem.outputs,
-                      mem.targets, sigma_arr, lam_arr, task=meta.task, ks=ks,
+    sums = _grid_sums(res.distances, res.indices, q_out, q_y, q_valid,
+                      mem.residuals if regression else mem.outputs, mem.targets, sigma_arr,
+                      lam_arr, jnp.float32(scale), task=meta.task, ks=ks,
                       temperatures=None if meta.task == "regression" else temperatures,
                       batch=batch, placement=sharded.placement(mem.outputs))
     sums = jax.tree.map(lambda x: np.asarray(x, np.float64).sum(axis=0), sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  means = jax.tree.map(lambda x: x / n_q, totals)
+  means = jax.tree.map(lambda x: x * (scale * scale) / n_q, totals)  # float64
   table = _table(means, meta.task, ks=ks, sigmas=sigmas, temperatures=temperatures,
                  lams=lams)
   best = {m: min((r for r in table if r["method"] == m), key=_rank_key) for m in METHODS}
   return SweepResult(table=tuple(table), best=best,
                      metric="accuracy" if meta.task == "classification" else "mse",
                      n_queries=n_q)
+
+
+def _error_scale(mem: Memory, outputs, targets) -> float:
+  """A power of two at least the largest |value| a regression error is made of (the
+  memory's targets and residuals, the held-out outputs and targets), so that errors
+  divided by it are O(1): their squares and 256-query sums stay in float32's range
+  (errors beyond 1.8e19 would square to inf) and small errors do not underflow."""
+  top = max(float(jnp.max(jnp.abs(x))) for x in (mem.targets, mem.residuals, outputs,
+                                                    targets))
+  if not top > 0:
+    return 1.0
+  # 2^e > top; e kept in float32's normal exponents (2^128 would be inf in float32).
+  return math.ldexp(1.0, min(max(math.frexp(top)[1], -126), 127))
 
 
 def _check_query_targets(mem: Memory, targets, base_outputs):

@@ -153,6 +153,13 @@ def main():
   got = rm.sweep(placed, queries, q_logits, labels[:37], ks=(1, 4), sigmas=(0.5,))
   want = rm.sweep(mem, queries, q_logits, labels[:37], ks=(1, 4), sigmas=(0.5,))
   assert got.table == want.table, (got.table, want.table)
+  # Regression: the residuals are gathered from their owners, as the logits above.
+  targets, outputs = rng.normal(size=(2, 512, 2)).astype(np.float32)
+  reg = rm.build_memory(keys, targets, outputs, task="regression")
+  q_out, q_y = rng.normal(size=(2, 37, 2)).astype(np.float32)
+  got = rm.sweep(rm.shard_memory(reg, mesh), queries, q_out, q_y, ks=(1, 4), sigmas=(0.5,))
+  want = rm.sweep(reg, queries, q_out, q_y, ks=(1, 4), sigmas=(0.5,))
+  assert got.table == want.table, (got.table, want.table)
   try:
     rm.shard_memory(rm.build_memory(keys[:500], labels[:500], logits[:500]), mesh)
   except ValueError as e:

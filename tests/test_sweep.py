@@ -224,6 +224,54 @@ def test_a_nan_score_counts_as_wrong_and_ranks_last():
   rows = [{"accuracy": 0.5, "log_loss": float("nan")}, {"accuracy": 0.5, "log_loss": 2.0}]
   assert min(rows, key=sweep_module._rank_key) is rows[1]
   assert min([{"mse": float("nan")}, {"mse": 3.0}], key=sweep_module._rank_key)["mse"] == 3.0
+  inf = float("inf")  # NaN ranked level with inf, so the first of the two won
+  assert min([{"mse": float("nan")}, {"mse": inf}], key=sweep_module._rank_key)["mse"] == inf
+  rows = [{"accuracy": 0.5, "log_loss": float("nan")}, {"accuracy": 0.5, "log_loss": inf}]
+  assert min(rows, key=sweep_module._rank_key) is rows[1]
+
+
+def test_regression_resmem_under_a_large_offset_equals_predict():
+  """Targets and outputs near 1e6 with residuals near 0.05: ResMem scored as
+  f + avg(y) - avg(f) rounded both averages at 1e6 and read 7x the error `predict`
+  makes, below DeepNet at every setting."""
+  rng = np.random.default_rng(0)
+  x, xq = rng.normal(size=(400, 2)).astype(np.float32), rng.normal(size=(200, 2)).astype(np.float32)
+  f = (1e6 + rng.normal(size=400)).astype(np.float32)
+  fq = (1e6 + rng.normal(size=200)).astype(np.float32)
+  y = (f + 0.05 * np.sin(3 * x[:, 0])).astype(np.float32)
+  yq = (fq + 0.05 * np.sin(3 * xq[:, 0])).astype(np.float32)
+  mem = rm.build_memory(x, y, f, task="regression")
+  res = rm.sweep(mem, xq, fq, yq, ks=(1, 5, 20), sigmas=(0.05, 0.5))
+  for row in res.table:
+    if row["method"] == "resmem":
+      pred = np.asarray(rm.predict(mem, xq, fq, k=row["k"], sigma=row["sigma"]), np.float64)
+      assert row["mse"] == pytest.approx(np.mean((pred - yq) ** 2), rel=1e-4), row
+  assert res.best["resmem"]["mse"] < res.best["deepnet"]["mse"] / 3
+
+
+def test_regression_errors_beyond_float32_squares_are_summed():
+  """Errors of 2e18 square to 4e36 (finite) but 256 of them overflowed the float32
+  block sum; errors of 1e35 square to inf; and a padding row's 0 * inf made NaN."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(50, 3)).astype(np.float32)
+  zeros = np.zeros(50, np.float32)
+  mem = rm.build_memory(x, zeros, zeros, task="regression")
+  xq = rng.normal(size=(300, 3)).astype(np.float32)
+  for value in (2e18, 1e35):
+    yq, fq = np.full(300, value, np.float32), np.zeros(300, np.float32)
+    res = rm.sweep(mem, xq, fq, yq, ks=(1,), sigmas=(1.0,), lams=(0.5,))
+    want = np.float64(np.float32(value)) ** 2
+    assert res.best["deepnet"]["mse"] == pytest.approx(want, rel=1e-6)
+    assert res.best["knn_lm"]["mse"] == pytest.approx(want, rel=1e-6)
+  # 30 queries pad to a bucket of 32; the padding rows' errors are not NaN-poison.
+  y = (3e19 * (1 + 0.01 * rng.normal(size=50))).astype(np.float32)
+  mem = rm.build_memory(x, y, y, task="regression")
+  yq = (3e19 * (1 + 0.01 * rng.normal(size=30))).astype(np.float32)
+  res = rm.sweep(mem, xq[:30], yq, yq, ks=(1,), sigmas=(1.0,), lams=(0.5,))
+  d, idx = _neighbours(x, xq[:30], 1)
+  want = np.mean((y[idx[:, 0]].astype(np.float64) - yq) ** 2)
+  assert res.best["knn"]["mse"] == pytest.approx(want, rel=1e-5)
+  assert res.best["deepnet"]["mse"] == 0.0
 
 
 def test_tiny_temperatures_and_sigmas_stay_finite(cls_data):
