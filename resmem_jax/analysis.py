@@ -8,11 +8,14 @@ Figure, which a notebook displays, and saves a PNG when given a `path`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import uuid
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 
@@ -193,8 +196,8 @@ def plot_size_sweep(rows: Sequence[dict[str, Any]], *, title: str = "",
 
   summary = summarize_size_sweep(rows)
   depths = sorted({s.get("depth") for s in summary}, key=lambda d: (d is None, d))
-  markers = dict(zip(depths, "o^sDvP*X"))
-  styles = dict(zip(depths, ["-", "--", ":", "-."] * 2))
+  markers = dict(zip(depths, itertools.cycle("o^sDvP*X")))  # a 9th depth repeats the 1st
+  styles = dict(zip(depths, itertools.cycle(["-", "--", ":", "-."])))
   fig = _new_figure(figsize=(6.5, 4.2), layout="constrained")
   ax = fig.subplots()
   methods = (("deepnet", "DeepNet", "tab:blue"), ("resmem", "ResMem", "tab:orange"))
@@ -353,6 +356,11 @@ def summarize_size_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
   return sorted(out, key=lambda s: s["params"])
 
 
+def _knob(value) -> str:
+  """An int as it is (k=1234, not 1.23e+03), a float to 3 significant digits."""
+  return str(value) if isinstance(value, (int, np.integer)) else f"{value:.3g}"
+
+
 def format_results_table(results: dict[str, Any]) -> str:
   """A plain-text table of the test accuracies in `results` (see train_and_evaluate)."""
   rows = [("DeepNet", results["deepnet_test_accuracy"])]
@@ -360,7 +368,7 @@ def format_results_table(results: dict[str, Any]) -> str:
   names = {"knn": "soft kNN on embeddings", "knn_lm": "kNN-LM interpolation"}
   for method, name in names.items():
     if method in results.get("baselines", {}):
-      knobs = ", ".join(f"{key}={settings.get(method, {})[key]:.3g}"
+      knobs = ", ".join(f"{key}={_knob(settings[method][key])}"
                         for key in ("k", "sigma", "temperature", "lam")
                         if key in settings.get(method, {}))
       rows.append((f"{name} ({knobs})" if knobs else name, results["baselines"][method]))
@@ -393,12 +401,14 @@ def format_size_sweep_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _json_ready(x: Any) -> Any:
-  """`x` with NumPy values as Python ones and non-finite floats as None (null): NaN
-  and Infinity are not JSON, and strict parsers (JavaScript, jq) reject them."""
+  """`x` with NumPy and JAX values as Python ones and non-finite floats as None (null):
+  NaN and Infinity are not JSON, and strict parsers (JavaScript, jq) reject them."""
   if isinstance(x, dict):
-    return {key: _json_ready(value) for key, value in x.items()}
+    return {_json_ready(key): _json_ready(value) for key, value in x.items()}
   if isinstance(x, (list, tuple)):
     return [_json_ready(value) for value in x]
+  if isinstance(x, jax.Array):
+    x = np.asarray(x)
   if isinstance(x, np.ndarray):
     return _json_ready(x.tolist())
   if isinstance(x, np.generic):
@@ -410,15 +420,19 @@ def _json_ready(x: Any) -> Any:
 
 def hardware() -> dict[str, Any]:
   """What an experiment ran on, for its JSON: JAX's first device and the host's cores."""
-  import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   return {"platform": device.platform, "device_kind": device.device_kind,
           "cpu_count": os.cpu_count()}
 
 
 def write_json(path: str, obj: Any) -> str:
-  """Writes `obj` as indented, strict JSON (NumPy converted, NaN and inf as null)."""
+  """Writes `obj` as indented, strict JSON (NumPy and JAX values converted, NaN and inf
+  as null). The text is made first and moved into place, so a value JSON cannot hold
+  raises and leaves the file as it was, not cut off mid-way."""
+  text = json.dumps(_json_ready(obj), indent=2, allow_nan=False)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(_json_ready(obj), f, indent=2, allow_nan=False)
+  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # open(): the umask's mode
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
   return path

@@ -117,6 +117,9 @@ def test_full_sweep_grid_covers_widths_and_depths():
 
 
 def test_size_sweep_plot_marks_each_depth():
+  many = [{"size": f"d{d}", "params": 100 + d, "depth": d, "seed": 0,
+           "deepnet_test_accuracy": 0.5, "resmem_test_accuracy": 0.6} for d in range(1, 11)]
+  analysis.plot_size_sweep(many)  # ten depths: markers repeat (a 9th raised KeyError)
   rows = [{"size": f"d{d}w{w}", "params": 100 * w + d, "depth": d, "seed": 0,
            "deepnet_test_accuracy": 0.5, "resmem_test_accuracy": 0.6}
           for w in (1, 2) for d in (1, 4)]
@@ -161,6 +164,22 @@ def test_per_class_gain_of_an_absent_class_is_null_in_strict_json(tmp_path):
   loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
   assert loaded["x"] is None and loaded["y"] == [None, 1]
   assert loaded["per_class"]["resmem_accuracy"] == [1.0, None, 0.0]
+  # JAX values and NumPy keys are converted; what JSON cannot hold leaves the old file.
+  analysis.write_json(path, {"acc": jnp.float32(0.5), "per_k": {np.int64(3): jnp.ones(2)}})
+  assert json.load(open(path)) == {"acc": 0.5, "per_k": {"3": [1.0, 1.0]}}
+  with pytest.raises(TypeError, match="not JSON serializable"):
+    analysis.write_json(path, {"acc": 0.9, "model": object()})
+  assert json.load(open(path))["acc"] == 0.5 and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_results_table_prints_an_int_k_whole():
+  results = {"deepnet_test_accuracy": 0.8, "resmem_test_accuracy": 0.9,
+             "best": {"k": 1234, "sigma": 0.5, "temperature": 1.0},
+             "baselines": {"knn": 0.85}, "baseline_settings": {"knn": {"k": 1234, "sigma": 0.5}},
+             "n_train": 5000, "n_val": 500, "n_test": 1000}
+  table = analysis.format_results_table(results)
+  assert "soft kNN on embeddings (k=1234, sigma=0.5)" in table  # was k=1.23e+03
+  assert "ResMem (k=1234, sigma=0.5, temperature=1)" in table
 
 
 def test_analysis_inputs_are_checked():
