@@ -218,6 +218,10 @@ class SmallCNN(nn.Module):
                ) -> tuple[Float[Array, "B K"], Float[Array, "B E"]]:
     del train  # No batch statistics or dropout: train and eval apply agree.
     v.check_int("depth", self.depth, low=1)
+    pools = min(self.depth, 2)
+    if x.ndim != 4 or min(x.shape[1:3]) < 2**pools:
+      raise ValueError(f"SmallCNN(depth={self.depth}) pools {pools} times by 2 and needs "
+                       f"(B, H, W, C) images with H, W >= {2**pools}, got x.shape={x.shape}")
     for i in range(self.depth):
       x = nn.Conv(self.width * 2**min(i, 1), (3, 3), dtype=self.dtype)(x)
       x = nn.relu(x)

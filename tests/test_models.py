@@ -101,6 +101,10 @@ def test_small_cnn_depth_shapes_and_params(depth):
   assert variables["params"][f"Conv_{depth - 1}"]["kernel"].shape[-1] == 3 * 2**min(depth - 1, 1)
   _, logits, _ = _shapes(model, (2, 8, 8, 1))  # 8x8 digits at every depth
   assert logits == (2, 10)
+  side = 2 ** min(depth, 2)  # the smallest image its pools leave a pixel of
+  assert _shapes(model, (2, side, side, 1))[1] == (2, 10)
+  with pytest.raises(ValueError, match=f"H, W >= {side}"):  # was a ZeroDivisionError
+    _shapes(model, (2, side - 1, side, 1))
 
 
 def test_small_cnn_default_is_the_original_two_stage_network():
