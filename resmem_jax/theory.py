@@ -102,6 +102,7 @@ from resmem_jax import analysis
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DOMAINS = ("sphere", "cube", "gaussian")
+K_RULES = ("fixed", "growing")
 FIGURES = ("risk_vs_n", "risk_vs_capacity", "noise")
 # Bisection steps on the KKT multiplier: 64 halvings shrink the bracket below any
 # float32 spacing, after which the midpoint stops moving.
@@ -115,15 +116,21 @@ UNIFORM_SIGMA = 1e30
 # ----------------------------------------------------------------------------- theory
 
 
+def _check_domain_dim(domain: str, d: int) -> int:
+  """d as an int, >= 2 on the sphere (S^0 is two points, of dimension 0), else >= 1."""
+  v.check_choice("domain", domain, DOMAINS)
+  return v.check_int("d", d, low=2 if domain == "sphere" else 1)
+
+
 def second_moment(domain: str, d: int) -> float:
   """s with E[x x^T] = s I: 1/d (sphere), 1/3 (cube [-1, 1]^d), 1 (Gaussian)."""
-  v.check_choice("domain", domain, DOMAINS)
+  d = _check_domain_dim(domain, d)
   return {"sphere": 1.0 / d, "cube": 1.0 / 3.0, "gaussian": 1.0}[domain]
 
 
 def intrinsic_dim(domain: str, d: int) -> int:
   """Dimension of the support: d - 1 on the sphere, d on the cube and the Gaussian."""
-  v.check_choice("domain", domain, DOMAINS)
+  d = _check_domain_dim(domain, d)
   return d - 1 if domain == "sphere" else d
 
 
@@ -132,6 +139,8 @@ def base_risk_limit(*, domain: str, d: int, radius: float, theta_norm: float) ->
 
   For L >= ||theta*|| the constraint is inactive and the limit is 0.
   """
+  v.check_non_negative("radius", radius)
+  v.check_non_negative("theta_norm", theta_norm)
   return second_moment(domain, d) * max(theta_norm - radius, 0.0) ** 2
 
 
@@ -143,8 +152,9 @@ def mean_sq_nn_distance(n: int, d: int) -> float:
   exact (see the module docstring); ~ 4 Gamma(1 + 2/m) (a B(a, a) / n)^{2/m}, a = m/2.
 
   Example:
-    >>> mean_sq_nn_distance(1000, 2) * 1000**2 / (2 * math.pi**2)  # circle: 2 pi^2 / n^2
-    0.999...
+    >>> n = 1000  # the circle: E[D_n^2] ~ 2 pi^2 / ((n + 1)(n + 2)) ~ 2 pi^2 / n^2
+    >>> mean_sq_nn_distance(n, 2) * (n + 1) * (n + 2) / (2 * math.pi**2)
+    0.99999...
   """
   n = v.check_int("n", n, low=1)
   d = v.check_int("d", d, low=2)
@@ -164,10 +174,14 @@ def resmem_risk_theory(*, domain: str, d: int, radius: float, theta_norm: float,
 
   None for other domains or k > 1 (`resmem_slope_theory` gives the slope where known).
   """
+  d = _check_domain_dim(domain, d)
+  for name, value in (("radius", radius), ("theta_norm", theta_norm), ("noise", noise)):
+    v.check_non_negative(name, value)
+  n = [v.check_int(f"n[{i}]", m, low=1) for i, m in enumerate(n)]
   if domain != "sphere" or any(k != 1 for k in k_per_n):
     return None
   gap = max(theta_norm - radius, 0.0) ** 2 / d
-  return [noise**2 + gap * mean_sq_nn_distance(int(m), d) for m in n]
+  return [noise**2 + gap * mean_sq_nn_distance(m, d) for m in n]
 
 
 def resmem_slope_theory(*, domain: str, d: int, noise: float, k_rule: str
@@ -183,6 +197,8 @@ def resmem_slope_theory(*, domain: str, d: int, noise: float, k_rule: str
   cube and the Gaussian without noise.
   """
   m = intrinsic_dim(domain, d)
+  v.check_non_negative("noise", noise)
+  v.check_choice("k_rule", k_rule, K_RULES)
   if k_rule == "growing":
     if noise > 0:
       return -2.0 / (m + 2)
@@ -195,6 +211,7 @@ def resmem_slope_theory(*, domain: str, d: int, noise: float, k_rule: str
 def growing_k(n: int, *, m: int) -> int:
   """k_n = ceil(n^{2/(m+2)}): the classical k-NN schedule, rate-optimal for the worst
   Lipschitz residual (this problem's linear residual allows faster; module docstring)."""
+  n, m = v.check_int("n", n, low=1), v.check_int("m", m, low=1)
   # The 1e-9 keeps exact powers exact: 100 ** 0.5 may round to 10.000000000000002.
   return min(n, math.ceil(n ** (2.0 / (m + 2)) - 1e-9))
 
@@ -210,6 +227,7 @@ def fit_slope(n: Sequence[float], risk: Sequence[float]) -> float:
 
 def sample_inputs(key: Array, n: int, d: int, *, domain: str) -> Float[Array, "N D"]:
   """n points uniform on the unit sphere or the cube [-1, 1]^d, or standard Gaussian."""
+  n, d = v.check_int("n", n, low=0), _check_domain_dim(domain, d)
   if domain == "cube":
     return jax.random.uniform(key, (n, d), minval=-1.0, maxval=1.0)
   g = jax.random.normal(key, (n, d))
@@ -257,6 +275,8 @@ def constrained_least_squares(x: Float[Array, "N D"], y: Float[Array, "N"], radi
     v.check_non_negative("radius", v.concrete_scalar(radius))
   if n_rows is not None and not v.is_traced(n_rows):
     v.check_int("n_rows", n_rows, low=0, high=x.shape[0])
+  if x.size == 0:  # no rows (or no columns): the minimum-norm solution is 0
+    return jnp.zeros(x.shape[1], jnp.result_type(x, y))
   u, s, vt = jnp.linalg.svd(x, full_matrices=False)
   c = jnp.dot(u.T, y, precision=HIGHEST)
   sc = s * c

@@ -362,3 +362,42 @@ def test_script_writes_json_and_all_figures(tmp_path, monkeypatch):
   assert growing["k"] is None and growing["k_per_n"] == [8, 12]
   for name in theory.FIGURES:
     assert os.path.getsize(tmp_path / f"{name}.png") > 10_000
+
+
+def test_theory_helpers_check_their_inputs():
+  """A negative noise counted as noise in the risk and as none in the slope; a typo'd
+  k_rule or domain went through as the default; d = 0 divided by zero."""
+  bad = [
+      (lambda: theory.second_moment("sphere", 0), ValueError, "d must satisfy 2 <= d"),
+      (lambda: theory.second_moment("cube", 2.5), TypeError, "d must be an int"),
+      (lambda: theory.resmem_slope_theory(domain="sphere", d=1, noise=0.0, k_rule="fixed"),
+       ValueError, "2 <= d"),
+      (lambda: theory.resmem_slope_theory(domain="sphere", d=3, noise=-0.2, k_rule="fixed"),
+       ValueError, "noise must be a finite number >= 0"),
+      (lambda: theory.resmem_slope_theory(domain="sphere", d=3, noise=0.0, k_rule="grow"),
+       ValueError, "k_rule must be one of"),
+      (lambda: theory.resmem_risk_theory(domain="sphere", d=3, radius=0.5, theta_norm=1.0,
+                                         noise=-0.2, n=[1000], k_per_n=[1]),
+       ValueError, "noise"),
+      (lambda: theory.resmem_risk_theory(domain="sphere", d=3, radius=0.5, theta_norm=1.0,
+                                         noise=0.1, n=[100.9], k_per_n=[1]),
+       TypeError, "n[0] must be an int"),
+      (lambda: theory.base_risk_limit(domain="cube", d=4, radius=-1.0, theta_norm=1.0),
+       ValueError, "radius"),
+      (lambda: theory.growing_k(0, m=2), ValueError, "1 <= n"),
+      (lambda: theory.sample_inputs(jax.random.key(0), 4, 3, domain="torus"),
+       ValueError, "domain must be one of"),
+      (lambda: theory.sample_inputs(jax.random.key(0), -1, 3, domain="cube"),
+       ValueError, "0 <= n"),
+  ]
+  for call, exc, fragment in bad:
+    with pytest.raises(exc) as info:
+      call()
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_constrained_least_squares_without_data_is_zero():
+  """No rows (or no columns): the minimum-norm solution, not an IndexError on s[0]."""
+  for shape in ((0, 3), (5, 0)):
+    theta = theory.constrained_least_squares(jnp.zeros(shape), jnp.zeros(shape[0]), 1.0)
+    assert theta.shape == (shape[1],) and not np.any(theta)
