@@ -352,7 +352,7 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
     sums = _grid_sums(res.distances, res.indices, q_out, q_y, q_valid,
                       mem.residuals if regression else mem.outputs, mem.targets, sigma_arr,
                       lam_arr, jnp.float32(scale), task=meta.task, ks=ks,
-                      temperatures=None if meta.task == "regression" else temperatures,
+                      temperatures=None if regression else temperatures,
                       batch=batch, placement=sharded.placement(mem.outputs))
     sums = jax.tree.map(lambda x: np.asarray(x, np.float64).sum(axis=0), sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
@@ -370,8 +370,9 @@ def _error_scale(mem: Memory, outputs, targets) -> float:
   memory's targets and residuals, the held-out outputs and targets), so that errors
   divided by it are O(1): their squares and 256-query sums stay in float32's range
   (errors beyond 1.8e19 would square to inf) and small errors do not underflow."""
-  top = max(float(jnp.max(jnp.abs(x))) for x in (mem.targets, mem.residuals, outputs,
-                                                    targets))
+  top = max(v.finite_magnitude(name, x) for name, x in (
+      ("mem.targets", mem.targets), ("mem.residuals", mem.residuals),
+      ("base_outputs", outputs), ("targets", targets)))
   if not top > 0:
     return 1.0
   # 2^e > top; e kept in float32's normal exponents (2^128 would be inf in float32).
