@@ -424,10 +424,10 @@ def seed_keys(seed: int, num_seeds: int, *, d: int) -> Array:
 def get_config(quick: bool = False) -> ml_collections.ConfigDict:
   """Settings of the three figures; `quick=True` draws a smaller figure 1 only.
 
-  Radii (L) are fractions of ||theta*||. Measured on the project's 2-core CPU machine
-  while other jobs shared it (load ~5): `python experiments/linear_theory.py --workdir
-  runs/theory` draws all three figures in 3.6 min; `--quick` draws figure 1 for d in
-  {2, 3, 4}, n in [1e2, 1e4], in 29 s.
+  Radii (L) are fractions of ||theta*||. On the project's 2-core CPU machine,
+  `python experiments/linear_theory.py --workdir runs/theory` draws all three figures in
+  4-5 minutes (232 s and 271 s measured); `--quick` draws figure 1 for d in {2, 3, 4},
+  n in [1e2, 1e4], in 20-70 s, depending on what else shares the machine.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -503,8 +503,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   v.check_int("n_test", config.n_test, low=1)
   v.check_choice("domain", config.domain, DOMAINS)
   v.check_positive("theta_norm", config.theta_norm)
+  if not config.figures:
+    raise ValueError(f"figures must name at least one of {FIGURES}, got figures="
+                     f"{tuple(config.figures)!r}")
   for name in config.figures:
     v.check_choice("figures", name, FIGURES)
+  for name, grid in (("risk_vs_n.dims", config.risk_vs_n.dims),
+                     ("risk_vs_capacity.dims", config.risk_vs_capacity.dims),
+                     ("risk_vs_capacity.radii", config.risk_vs_capacity.radii)):
+    if name.split(".")[0] in config.figures and not grid:
+      raise ValueError(f"{name} must hold at least one value when figures names "
+                       f"{name.split('.')[0]!r}, got {name}={tuple(grid)!r}")
   min_d = 2 if config.domain == "sphere" else 1
   for d in tuple(config.risk_vs_n.dims) + tuple(config.risk_vs_capacity.dims) + (config.noise.d,):
     v.check_int("d", d, low=min_d)

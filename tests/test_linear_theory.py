@@ -312,6 +312,33 @@ def test_bad_config_raises_naming_the_setting():
       theory.plan(config)
 
 
+def test_empty_grids_of_a_drawn_figure_raise():
+  """An empty list for a figure that is drawn fails in check_config, not in the plot
+  after results.json is written; a figure that is not drawn may leave its lists empty."""
+  config = theory.get_config(quick=True)
+  config.figures = ()
+  with pytest.raises(ValueError, match="figures must name at least one"):
+    theory.plan(config)
+  for section, name in (("risk_vs_n", "dims"), ("risk_vs_capacity", "dims"),
+                        ("risk_vs_capacity", "radii")):
+    config = theory.get_config()
+    config[section][name] = ()
+    with pytest.raises(ValueError, match=f"{section}.{name} must hold at least one"):
+      theory.plan(config)
+  config = theory.get_config(quick=True)  # figure 1 only
+  config.risk_vs_capacity.dims = config.risk_vs_capacity.radii = ()
+  assert {spec.figure for spec in theory.plan(config)} == {"risk_vs_n"}
+
+
+def test_script_checks_flags_before_writing(tmp_path):
+  from experiments import linear_theory  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path / "never_made"
+  with pytest.raises(ValueError, match="num_seeds"):
+    linear_theory.main(["--workdir", str(workdir), "--quick", "--seeds", "1"])
+  assert not workdir.exists()
+
+
 def test_plots_say_what_noise_was_used(tmp_path):
   """Figure 1 names its noise (and the sigma^2 term of its theory line); figure 3
   draws without a variance line when the noise is 0."""
