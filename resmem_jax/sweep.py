@@ -49,6 +49,8 @@ DEFAULT_LAMS = (0.1, 0.25, 0.5, 0.75, 0.9)
 LOG_LOSS_EPS = 1e-7
 # Queries per float32 partial sum of a metric (the partial sums are added in float64).
 SUM_BLOCK = 256
+# A table row's settings, in the order they break exact ties of the metric.
+KNOBS = ("k", "sigma", "temperature", "lam")
 # Bound on the floats of the per-batch intermediates of the scoring loop (the gathered
 # (batch, k_max, 1 + T, C) rows and the (batch, S, n_k, T, L, C) kNN-LM scores).
 GRID_BUDGET = 1 << 22
@@ -61,8 +63,8 @@ class SweepResult(NamedTuple):
     table: one dict per (method, setting), with keys "method", "k", "sigma",
       "temperature", "lam" (None where a method has no such knob) and the metrics:
       "accuracy" and "log_loss" (classification) or "mse" (regression).
-    best: method -> its best row: highest accuracy (ties: lowest log-loss, then the
-      first in the table) or lowest mse.
+    best: method -> its best row: highest accuracy (ties: lowest log-loss) or lowest
+      mse; exact ties of those go to the smaller k, then sigma, temperature, lam.
     metric: "accuracy" (higher is better) or "mse" (lower is better).
     n_queries: number of held-out points scored.
   """
@@ -74,7 +76,7 @@ class SweepResult(NamedTuple):
 
   def format(self, *, methods: Sequence[str] = METHODS, top: int | None = None) -> str:
     """A plain-text table, best first within each method."""
-    cols = ["method", "k", "sigma", "temperature", "lam"]
+    cols = ["method", *KNOBS]
     cols += ["accuracy", "log_loss"] if self.metric == "accuracy" else ["mse"]
     lines = ["  ".join(f"{c:>11}" for c in cols)]
     for method in methods:
@@ -94,12 +96,14 @@ def _fmt(x) -> str:
 
 def _rank_key(row: dict):
   """Best first: highest accuracy, then lowest log-loss (lowest mse); NaN ranks last,
-  after inf."""
+  after inf. Exact ties go to the smaller k, then the smaller sigma, temperature and lam,
+  so the choice does not depend on the order the grids were given in."""
   def last_if_nan(x):
     return (True, 0.0) if math.isnan(x) else (False, x)
+  knobs = tuple((row.get(name) is not None, row.get(name) or 0.0) for name in KNOBS)
   if "accuracy" in row:
-    return (-row["accuracy"], *last_if_nan(row["log_loss"]))
-  return last_if_nan(row["mse"])
+    return (-row["accuracy"], *last_if_nan(row["log_loss"]), *knobs)
+  return (*last_if_nan(row["mse"]), *knobs)
 
 
 def _check_grid(name: str, values, check) -> tuple:
@@ -337,7 +341,7 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
   n_out = meta.n_outputs
   n_t, per_setting = len(temperatures), len(sigmas) * len(ks) * n_out
   per_query = max(k_max * (1 + n_t) * n_out, per_setting * n_t * (1 + len(lams)))
-  batch = int(max(8, min(256, GRID_BUDGET // per_query)))
+  batch = int(max(1, min(256, GRID_BUDGET // per_query)))
   outputs = base_outputs.reshape(n_q, n_out)
   targets = targets if meta.task == "classification" else targets.reshape(n_q, n_out)
   valid = np.ones(n_q, bool)

@@ -230,6 +230,23 @@ def test_a_nan_score_counts_as_wrong_and_ranks_last():
   assert min(rows, key=sweep_module._rank_key) is rows[1]
 
 
+def test_exact_ties_do_not_depend_on_grid_order(cls_data):
+  """At k = 1 sigma and the kNN-LM's lam = 1 change nothing, so those rows tie exactly;
+  the best row is the same whichever order the grids come in."""
+  x, y, z, xq, yq, zq = cls_data
+  mem = rm.build_memory(x, y, z, task="classification", temperature=1.0)
+  bests = [rm.sweep(mem, xq, zq, yq, ks=(1,), sigmas=sigmas, temperatures=(1.0,),
+                    lams=(1.0,)).best for sigmas in ((3.0, 0.5, 1.0), (1.0, 0.5, 3.0))]
+  for method in ("resmem", "knn", "knn_lm"):
+    assert bests[0][method] == bests[1][method]
+    assert bests[0][method]["sigma"] == 0.5
+  sweep_module = importlib.import_module("resmem_jax.sweep")
+  rows = [{"mse": 1.0, "k": 8, "sigma": 1.0}, {"mse": 1.0, "k": 2, "sigma": 4.0},
+          {"mse": 1.0, "k": 2, "sigma": 0.5}]
+  assert min(rows, key=sweep_module._rank_key) is rows[2]
+  assert min(rows[::-1], key=sweep_module._rank_key) is rows[2]
+
+
 def test_regression_resmem_under_a_large_offset_equals_predict():
   """Targets and outputs near 1e6 with residuals near 0.05: ResMem scored as
   f + avg(y) - avg(f) rounded both averages at 1e6 and read 7x the error `predict`
