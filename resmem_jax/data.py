@@ -232,7 +232,10 @@ def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
 
   Embedded datasets ("mnist5k", "digits") are split three ways from one pool: by
   default mnist5k gives 3500 / 500 / 1000 (350 / 50 / 100 per class) and digits 70% /
-  10% / 20%. TFDS datasets keep their own test split and carve `val_size` examples
+  10% / 20%. The three parts come from one seeded `stratified_split`, filled in the
+  order train, validation, test, so each of them depends on both sizes: runs with
+  different `val_size` or `test_size` see different validation (and training) examples.
+  TFDS datasets keep their own test split and carve `val_size` examples
   (default 10% of train, 10000 for ImageNet) out of their training split; ImageNet
   splits are seeded uniform draws (stratifying would decode every image).
 
