@@ -419,6 +419,13 @@ def check_meta(meta: Any) -> None:
   check_temperature("mem.meta.temperature", meta.temperature)
   v.check_int("mem.meta.dim", meta.dim, low=1)
   c = v.check_int("mem.meta.n_outputs", meta.n_outputs, low=1)
+  if not isinstance(meta.output_shape, tuple):
+    raise TypeError(f"mem.meta.output_shape must be a tuple, got "
+                    f"mem.meta.output_shape={meta.output_shape!r}")
+  for i, size in enumerate(meta.output_shape):  # (True,) == (1,) and (2.0,) == (2,)
+    v.check_int(f"mem.meta.output_shape[{i}]", size, low=1)
+  if not isinstance(meta.dtype, str):
+    raise TypeError(f"mem.meta.dtype must be a str, got mem.meta.dtype={meta.dtype!r}")
   shapes = [(c,)] if meta.task == "classification" else ([(), (1,)] if c == 1 else [(c,)])
   if meta.output_shape not in shapes:
     raise ValueError(f"mem.meta.output_shape must be one of {shapes} for task="

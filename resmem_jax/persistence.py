@@ -134,7 +134,11 @@ def save_memory(path: str | os.PathLike, mem: Memory, *, overwrite: bool = False
                      f"and path is {what}; it is left alone: path={os.fspath(path)!r}")
 
   meta = dataclasses.asdict(mem.meta)
-  meta["output_shape"] = list(meta["output_shape"])
+  # check_meta accepts NumPy scalars (e.g. a dataclasses.replace with np.float32(0.5));
+  # JSON holds only Python's.
+  meta.update(temperature=float(meta["temperature"]), dim=int(meta["dim"]),
+              n_outputs=int(meta["n_outputs"]),
+              output_shape=[int(d) for d in meta["output_shape"]])
   meta.update(format_version=FORMAT_VERSION, size=int(mem.size),
               targets_dtype=str(mem.targets.dtype),
               arrays={name: {"shape": list(getattr(mem, name).shape),
@@ -294,10 +298,12 @@ def _parse_meta(raw: dict, shown: str) -> MemoryMeta:
   """The `MemoryMeta` of saved metadata, checked like any memory's (`check_memory`)."""
   try:
     task = raw["task"]
+    # No float() or int() here: they would read true as 1.0 and 2.7 as 2; check_meta
+    # judges the values as JSON gave them.
     meta = MemoryMeta(
-        task=task, temperature=1.0 if task == "regression" else float(raw["temperature"]),
-        dim=int(raw["dim"]), n_outputs=int(raw["n_outputs"]),
-        output_shape=tuple(int(d) for d in raw["output_shape"]), dtype=str(raw["dtype"]),
+        task=task, temperature=1.0 if task == "regression" else raw["temperature"],
+        dim=raw["dim"], n_outputs=raw["n_outputs"],
+        output_shape=tuple(raw["output_shape"]), dtype=raw["dtype"],
         fingerprint=raw["fingerprint"])
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"the memory at {shown!r} has unreadable metadata "
@@ -306,7 +312,7 @@ def _parse_meta(raw: dict, shown: str) -> MemoryMeta:
     check_meta(meta)
   except (TypeError, ValueError) as e:
     raise ValueError(f"the memory at {shown!r} has invalid metadata: {e}") from None
-  return meta
+  return dataclasses.replace(meta, temperature=float(meta.temperature))
 
 
 def _row_sharding(sharding, ndim: int, n: int):

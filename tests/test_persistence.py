@@ -211,6 +211,11 @@ def test_paths_expand_home_and_keep_cloud_urls(tmp_path, monkeypatch):
     (lambda raw: raw.update(size=63), "size=63 but the arrays hold N=64"),
     (lambda raw: raw.update(format_version=True), "format_version=True"),
     (lambda raw: raw.update(format_version=2.0), "format_version=2.0"),
+    # JSON true and 5.0 used to pass through float() and int() as 1.0 and 5.
+    (lambda raw: raw.update(temperature=True), "temperature must be a float"),
+    (lambda raw: raw.update(dim=5.0), "dim must be an int"),
+    (lambda raw: raw.update(output_shape=[True]), r"output_shape\[0\] must be an int"),
+    (lambda raw: raw.update(dtype=32), "dtype must be a str"),
 ])
 def test_load_refuses_metadata_that_is_edited_or_corrupt(tmp_path, edit, message):
   """Hand-edited or damaged metadata raises ValueError naming the field, instead of
@@ -222,6 +227,19 @@ def test_load_refuses_metadata_that_is_edited_or_corrupt(tmp_path, edit, message
   meta_file.write_text(json.dumps(raw))
   with pytest.raises(ValueError, match=message):
     rm.load_memory(path)
+
+
+def test_saves_numpy_scalars_in_meta_as_json_numbers(tmp_path):
+  """check_meta accepts NumPy scalars, so save_memory must write them (it raised
+  'Object of type float32 is not JSON serializable' from Orbax's save thread)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  mem = _memory()  # T = 2
+  meta = dataclasses.replace(mem.meta, temperature=np.float32(2.0), dim=np.int64(5),
+                             n_outputs=np.int32(3), output_shape=(np.int64(3),))
+  loaded = rm.load_memory(rm.save_memory(tmp_path / "mem", mem._replace(meta=meta)))
+  assert loaded.meta == mem.meta
+  assert type(loaded.meta.temperature) is float and type(loaded.meta.dim) is int
 
 
 def test_load_refuses_a_memory_without_its_arrays(tmp_path):
