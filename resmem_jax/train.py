@@ -207,12 +207,38 @@ def restore_or_init(manager: ocp.CheckpointManager, state: TrainState) -> TrainS
                        batch_stats=restored["batch_stats"], opt_state=restored["opt_state"])
 
 
-def _read_metrics(path: str, upto_epoch: int) -> list[dict[str, Any]]:
+def _resume_metrics(path: str, upto_epoch: int) -> list[dict[str, Any]]:
+  """The logged epochs the restored state has done; rewrites the log without the rest.
+
+  A record is logged before its checkpoint is saved, so a run stopped in between leaves
+  a record past the checkpoint (dropped here), never a checkpoint without its record. A
+  run stopped while appending can leave a cut-off last line (dropped too). The log is
+  rewritten only when something is dropped, and then atomically, so a failed rewrite
+  cannot lose the epochs already logged.
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return [r for r in records if r["epoch"] <= upto_epoch]
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path} line {i + 1} is not JSON; it is the metrics log of this "
+                         f"workdir, which only this function writes") from None
+  kept = [r for r in records if r["epoch"] <= upto_epoch]
+  if len(kept) < len(lines):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return kept
 
 
 def check_training_config(config: ml_collections.ConfigDict) -> None:
@@ -311,11 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Spli
     _check_same_run(workdir, config, resuming=manager.latest_step() is not None, data=data)
     state = restore_or_init(manager, state)
     start_epoch = int(state.step) // steps_per_epoch
-    # A run killed after logging an epoch but before its checkpoint landed would log
-    # that epoch twice: keep only what the restored state has actually done.
-    history = _read_metrics(metrics_path, start_epoch)
-    with open(metrics_path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in history)
+    history = _resume_metrics(metrics_path, start_epoch)
     total = config.num_epochs * steps_per_epoch
     bar = tqdm(total=total, initial=int(state.step), desc="train", unit="step",
                disable=not config.get("progress", True), dynamic_ncols=True)
@@ -347,10 +369,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Spli
                 "learning_rate": float(schedule(int(state.step) - 1)),
                 "epoch_time_s": round(time.time() - t0, 3)}
       bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_acc=f"{val['accuracy']:.3f}")
-      manager.save(int(state.step), args=ocp.args.StandardSave(_to_checkpoint(state)))
       history.append(record)
-      with open(metrics_path, "a") as f:
+      with open(metrics_path, "a") as f:  # first: see _resume_metrics
         f.write(json.dumps(record) + "\n")
+      manager.save(int(state.step), args=ocp.args.StandardSave(_to_checkpoint(state)))
     bar.close()
   finally:
     manager.wait_until_finished()

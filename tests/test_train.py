@@ -125,6 +125,76 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, model):
   assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def _epochs_logged(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["epoch"] for line in f]
+
+
+def test_an_interrupted_save_loses_no_epoch(tmp_path, monkeypatch):
+  """Ctrl-C during the last epoch's save: its checkpoint still lands (the manager is
+  waited for), and its metrics line must be there too. It was written after the save,
+  so the resumed run had nothing left to train and reported epoch 2 as the final one."""
+  config = _mnist_tiny(num_epochs=3)
+  config.steps_per_epoch = 1
+  splits = train.load_splits(config)
+  workdir = str(tmp_path)
+  real = train._checkpoint_manager
+
+  def interrupted_at_step_3(*args):
+    manager = real(*args)
+    save = manager.save
+
+    def save_then_interrupt(step, *a, **kw):
+      out = save(step, *a, **kw)
+      if step == 3:
+        raise KeyboardInterrupt
+      return out
+
+    manager.save = save_then_interrupt
+    return manager
+
+  monkeypatch.setattr(train, "_checkpoint_manager", interrupted_at_step_3)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, workdir, splits=splits)
+  monkeypatch.setattr(train, "_checkpoint_manager", real)
+  results = train.train_and_evaluate(config, workdir, splits=splits)
+  assert results["resumed_from_step"] == 3
+  assert results["final_epoch"]["epoch"] == 3
+  assert _epochs_logged(workdir) == [1, 2, 3]
+
+
+def test_resume_drops_only_unsaved_or_cut_off_records(tmp_path, monkeypatch):
+  """The log is rewritten only when a record must go, and then atomically: every start
+  used to truncate and rewrite it, so a failed rewrite left it empty."""
+  config = _mnist_tiny(num_epochs=2)
+  config.steps_per_epoch = 1
+  splits = train.load_splits(config)
+  workdir = str(tmp_path)
+  train.train(config, workdir, splits)
+  path = os.path.join(workdir, "metrics.jsonl")
+  stamp = lambda: (open(path).read(), os.stat(path).st_ino, os.stat(path).st_mtime_ns)
+  logged, before = open(path).read(), stamp()
+  train.train(config, workdir, splits)  # nothing to drop: the file is left alone
+  assert stamp() == before
+
+  with open(path, "a") as f:
+    f.write('{"epoch": 3, "step": 3}\n{"epoch": 4, "st')  # unsaved, then cut off
+  def disk_full(*args):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(os, "replace", disk_full)
+  with pytest.raises(OSError, match="No space"):
+    train._resume_metrics(path, 2)
+  monkeypatch.undo()
+  assert open(path).read().startswith(logged)  # the failed rewrite lost nothing
+  assert not [name for name in os.listdir(workdir) if ".tmp-" in name]
+  train.train(config, workdir, splits)
+  assert open(path).read() == logged and _epochs_logged(workdir) == [1, 2]
+  with open(path, "w") as f:
+    f.write('{"epoch": 1, "st\n' + logged)
+  with pytest.raises(ValueError, match="line 1 is not JSON"):
+    train.train(config, workdir, splits)
+
+
 def test_a_workdir_resumes_only_its_own_run(tmp_path):
   """A checkpoint trained under other settings is never reported under this config."""
   workdir = str(tmp_path)
