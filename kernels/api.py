@@ -49,7 +49,9 @@ def query_bucket(n: int) -> int:
   """Padded number of queries: at most 25% padding (or < 8 rows), few compiled shapes.
 
   Sizes are m * 2^e with m in {4, 5, 6, 7} (and at least 8), so any n >= 32 pads by
-  at most a quarter and a new batch size inside a bucket reuses the compiled search.
+  at most a quarter and a new batch size inside a bucket reuses the compiled search:
+  only `knn`'s row padding (for device arrays) and its final cut to n rows compile
+  anew, two small programs (tens of ms on CPU).
   """
   if n <= 8:
     return 8
@@ -221,6 +223,9 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
     q_rank, k_rank = queries * scale - mean, keys * scale - mean
   scores, indices = IMPLEMENTATIONS[implementation](
       q_rank, k_rank, n_cand, metric=metric, block_sizes=block_sizes)
+  # Keeps XLA from fusing the search into what follows: on CPU a lax.top_k of k <= 9
+  # fused with the re-scoring ran ~15x slower (the reference path at k = 1..5).
+  scores, indices = jax.lax.optimization_barrier((scores, indices))
   indices = indices.astype(jnp.int32)
   ranked = indices
   if width > n_cand:
@@ -289,9 +294,34 @@ def _top_score_is_its_keys(q_rank, k_rank, scores, indices, metric: str, gamma: 
   return in_range & jnp.isfinite(s_top) & (jnp.abs(s_top - direct) <= tolerance)
 
 
+def search_dtype(queries, keys):
+  """The dtype the search runs in: the promoted input dtype, at least float32."""
+  return jnp.promote_types(jnp.promote_types(queries.dtype, keys.dtype), jnp.float32)
+
+
 def _promote(queries, keys):
-  dtype = jnp.promote_types(jnp.promote_types(queries.dtype, keys.dtype), jnp.float32)
+  dtype = search_dtype(queries, keys)
   return queries.astype(dtype), keys.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pad_rows(x, rows: int):
+  return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_rows(arrays, rows: int):
+  return jax.tree.map(lambda a: a[:rows], arrays)
+
+
+def pad_rows(x, rows: int):
+  """`x` with zero rows appended up to `rows`: on the host for NumPy input, else in one
+  small compiled program (the search after it then sees only bucket shapes)."""
+  if x.shape[0] == rows:
+    return x
+  if isinstance(x, np.ndarray):
+    return np.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+  return _pad_rows(x, rows)
 
 
 def key_mean(keys: Float[Array, "N D"], metric: str) -> Float[Array, "1 D"]:
@@ -413,26 +443,29 @@ def _check_pallas_k(k: int, n_keys: int, metric: str) -> None:
         f"{largest}, or implementation='xla' or None")
 
 
-def _redo_uncertified(queries, keys, k, metric, distances, indices, certified, magnitude):
-  """Rows whose certificate failed, recomputed by the exact direct search."""
+def _redo_uncertified(queries, keys, k, metric, distances, indices, certified, magnitude,
+                      n_valid: int):
+  """Rows (of the first `n_valid`) whose certificate failed, recomputed by the exact
+  direct search."""
   if v.is_traced(certified):
     # Under an outer jit the failing rows are unknown on the host: recompute the whole
     # batch, but only when some row needs it.
     def redo():
-      d, i, _ = _search(queries[:distances.shape[0]], keys, k, metric=metric,
-                        implementation="direct", block_sizes=None, magnitude=magnitude)
+      d, i, _ = _search(queries, keys, k, metric=metric, implementation="direct",
+                        block_sizes=None, magnitude=magnitude)
       keep = certified[:, None]
       return jnp.where(keep, distances, d), jnp.where(keep, indices, i)
-    return jax.lax.cond(jnp.all(certified), lambda: (distances, indices), redo)
-  rows = np.flatnonzero(~np.asarray(certified))
+    return jax.lax.cond(jnp.all(certified[:n_valid]), lambda: (distances, indices), redo)
+  rows = np.flatnonzero(~np.asarray(certified)[:n_valid])
   if rows.size == 0:
     return distances, indices
-  sub = jnp.asarray(queries)[rows]
-  padded = query_bucket(rows.size)
-  sub = jnp.pad(sub, ((0, padded - rows.size), (0, 0)))
-  d, i, _ = _search(sub, keys, k, metric=metric, implementation="direct", block_sizes=None,
-                    magnitude=magnitude)
-  return (distances.at[rows].set(d[:rows.size]), indices.at[rows].set(i[:rows.size]))
+  # Padded to a bucket by repeating the last row: the repeats search the same query
+  # and write the same values, and every shape below is a bucket's (no compile per
+  # number of failing rows).
+  rows = np.pad(rows, (0, query_bucket(rows.size) - rows.size), mode="edge")
+  d, i, _ = _search(jnp.asarray(queries)[rows], keys, k, metric=metric,
+                    implementation="direct", block_sizes=None, magnitude=magnitude)
+  return distances.at[rows].set(d), indices.at[rows].set(i)
 
 
 def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
@@ -508,13 +541,17 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   if keys.shape[1] != dim:
     raise ValueError(f"queries and keys must share their last dimension, got "
                      f"queries.shape={tuple(queries.shape)}, keys.shape={tuple(keys.shape)}")
+  if dim == 0:
+    raise ValueError(f"queries and keys need at least one column, got "
+                     f"queries.shape={tuple(queries.shape)}, keys.shape={tuple(keys.shape)}")
   k = v.check_int("k", k, low=1, high=n_keys)
   v.check_choice("metric", metric, METRICS)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
   chosen = implementation is None
   if chosen:
-    implementation = default_implementation(n_q, n_keys, k, dim, queries.dtype, metric)
+    implementation = default_implementation(n_q, n_keys, k, dim,
+                                            search_dtype(queries, keys), metric)
   v.check_choice("implementation", implementation, KNOWN_IMPLEMENTATIONS)
   if implementation not in IMPLEMENTATIONS:
     available = ", ".join(repr(name) for name in IMPLEMENTATIONS)
@@ -522,26 +559,31 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
                      f"installation; use one of {available} or None")
   if implementation == "pallas":
     _check_pallas_k(k, n_keys, metric)
-  magnitudes = [v.finite_magnitude("queries", queries), v.finite_magnitude("keys", keys)]
-
   if n_q == 0:
-    return KnnResult(jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32))
-  # Under an outer jit the magnitude is unknown here: the search measures it in the graph.
-  magnitude = None if None in magnitudes else max(magnitudes)
+    v.finite_magnitude("keys", keys)
+    dtype = jax.dtypes.canonicalize_dtype(search_dtype(queries, keys))
+    return KnnResult(jnp.zeros((0, k), dtype), jnp.zeros((0, k), jnp.int32))
   queries = sharded.searchable(queries)
   keys = sharded.searchable(keys, rows_split_ok=True)
   padded = query_bucket(n_q)
   mesh = sharded.query_mesh(queries, keys)  # None for row-sharded (committed) keys
   if mesh is not None:  # an equal share of the queries for every CPU device
     padded = -(-padded // mesh.size) * mesh.size
-  if padded != n_q:
-    queries = jnp.pad(jnp.asarray(queries), ((0, padded - n_q), (0, 0)))
+  # Padded first, so that the measurement below (zero rows change no max |value|), the
+  # search and the re-search of failing rows all see a bucket's shape: a new number of
+  # queries inside a bucket compiles only the pad (for device arrays) and the final cut.
+  queries = pad_rows(queries, padded)
+  magnitudes = [v.finite_magnitude("queries", queries), v.finite_magnitude("keys", keys)]
+  # Under an outer jit the magnitude is unknown here: the search measures it in the graph.
+  magnitude = None if None in magnitudes else max(magnitudes)
   search = functools.partial(_search, queries, keys, k, metric=metric,
                              block_sizes=block_sizes, query_mesh=mesh, magnitude=magnitude)
   if chosen and implementation == "pallas":
     distances, indices, certified = _default_kernel_or_xla(search, queries, keys)
   else:
     distances, indices, certified = search(implementation=implementation)
-  distances, indices = _redo_uncertified(queries, keys, k, metric, distances[:n_q],
-                                         indices[:n_q], certified[:n_q], magnitude)
+  distances, indices = _redo_uncertified(queries, keys, k, metric, distances, indices,
+                                         certified, magnitude, n_q)
+  if padded != n_q:
+    distances, indices = _first_rows((distances, indices), n_q)
   return KnnResult(distances, indices)

@@ -48,6 +48,7 @@ import functools
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -79,17 +80,19 @@ QUICK_CONFIGS = {
     "G4": Config(n=8192, q=128, d=256, k=10),
 }
 # FP32 (CUDA-core, not tensor-core) peak TFLOP/s from NVIDIA's datasheets, matched in
-# order against `device_kind` (more specific names first).
+# order against `device_kind` as whole words (more specific names first: "L4" must
+# not match an L40S, nor "H200" an H200 NVL).
 FP32_PEAK_TFLOPS = (
-    ("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200", 66.9),
-    ("A100", 19.5), ("L4", 30.3), ("T4", 8.1), ("V100", 15.7),
+    ("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200 NVL", 60.0),
+    ("H200", 66.9), ("A100", 19.5), ("L40S", 91.6), ("L40", 90.5), ("L4", 30.3),
+    ("T4", 8.1), ("V100", 15.7),
 )
 SGEMM_SIZE = 8192
 
 
 def fp32_peak(device_kind: str) -> float | None:
   for name, peak in FP32_PEAK_TFLOPS:
-    if name.lower() in device_kind.lower():
+    if re.search(rf"\b{re.escape(name)}\b", device_kind, re.IGNORECASE):
       return peak
   return None
 

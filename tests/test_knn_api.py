@@ -167,6 +167,31 @@ def test_bad_block_sizes(kwargs, fragment):
     BlockSizes(**kwargs)
 
 
+def test_zero_columns_named():
+  """D = 0 reached math.log2(0) in the search scale: 'math domain error'."""
+  with _raises(ValueError, "at least one column", "(2, 0)", "(3, 0)"):
+    resmem_jax.knn(np.zeros((2, 0), np.float32), np.zeros((3, 0), np.float32), 2)
+
+
+def test_the_default_is_chosen_for_the_promoted_dtype(monkeypatch):
+  """With x64 on, float32 queries and float64 keys are searched in float64, which the
+  kernel does not take: the default was picked from the queries' dtype alone, so the
+  kernel was tried, failed, and was switched off for every later float32 search."""
+  if "pallas" not in IMPLEMENTATIONS:
+    pytest.skip("the Pallas kernel is not installed here")
+  monkeypatch.setattr(api, "_platform", lambda: "gpu")
+  monkeypatch.setattr(api, "_PALLAS_FAILED", set())
+  assert api.default_implementation(300, 700, 5, 6, jnp.float32) == "pallas"
+  queries, keys = _data(n_q=300, n=700, dim=6)
+  with jax.enable_x64(True), warnings.catch_warnings():
+    warnings.simplefilter("error")
+    res = resmem_jax.knn(queries, keys.astype(np.float64), 5)
+    empty = resmem_jax.knn(queries[:0].astype(np.float64), keys.astype(np.float64), 5)
+  assert not api._PALLAS_FAILED
+  assert res.distances.dtype == jnp.float64
+  assert empty.distances.dtype == jnp.float64 and empty.distances.shape == (0, 5)
+
+
 def test_bad_input_raises_before_compiling(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("the search ran on bad input")

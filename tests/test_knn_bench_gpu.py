@@ -54,6 +54,12 @@ def test_fp32_peak_matches_the_most_specific_model():
   assert bench_gpu.fp32_peak("NVIDIA H100 80GB HBM3") == 66.9
   assert bench_gpu.fp32_peak("NVIDIA H200") == 66.9
   assert bench_gpu.fp32_peak("TPU v5 lite") is None
+  # Whole words: "L4" used to match an L40S (30.3 for 91.6), "H200" an H200 NVL.
+  assert bench_gpu.fp32_peak("NVIDIA L40S") == 91.6
+  assert bench_gpu.fp32_peak("NVIDIA L40") == 90.5
+  assert bench_gpu.fp32_peak("NVIDIA L4") == 30.3
+  assert bench_gpu.fp32_peak("NVIDIA H200 NVL") == 60.0
+  assert bench_gpu.fp32_peak("NVIDIA GH200 480GB") is None
 
 
 def test_unsupported_configs_are_reported_not_timed():
