@@ -468,6 +468,15 @@ def _redo_uncertified(queries, keys, k, metric, distances, indices, certified, m
   return distances.at[rows].set(d), indices.at[rows].set(i)
 
 
+def _poison_non_finite(queries, keys, distances, indices):
+  """Under jit, where values cannot be checked: NaN distances and index -1 for a query
+  row holding a NaN or inf, and for every row when a key does (an inf would otherwise
+  pass as a finite, wrong answer)."""
+  ok = jnp.all(jnp.isfinite(queries), axis=1) & jnp.all(jnp.isfinite(keys))
+  return (jnp.where(ok[:, None], distances, jnp.nan),
+          jnp.where(ok[:, None], indices, -1))
+
+
 def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
         metric: str = "l2", implementation: str | None = None,
         block_sizes: BlockSizes | None = None) -> KnnResult:
@@ -509,7 +518,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
       for tiny inputs; if the kernel picked this way fails to compile or run, a
       warning says so and the XLA path is used from then on); or one of "reference",
       "xla", "pallas", "direct" (O(QND) elementwise, exact without a certificate; the
-      fallback, never the default).
+      fallback, never the default). "reference" forms the whole (Q, N) score matrix:
+      for small inputs and tests only.
     block_sizes: tiling of the blocked search; `BlockSizes.get_default(k, D)` if None.
 
   Returns:
@@ -518,7 +528,9 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   Raises:
     TypeError: non-floating queries or keys, non-int k.
     ValueError: bad shapes, non-finite values, k outside [1, N], unknown metric or
-      implementation.
+      implementation. Under an outer `jax.jit` the values cannot be checked: a query
+      row holding a NaN or inf gets NaN distances and index -1, and so does every row
+      when a key holds one.
 
   Example:
     >>> res = knn(jnp.zeros((2, 3)), jnp.eye(3), k=2)
@@ -584,6 +596,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     distances, indices, certified = search(implementation=implementation)
   distances, indices = _redo_uncertified(queries, keys, k, metric, distances, indices,
                                          certified, magnitude, n_q)
+  if magnitude is None:
+    distances, indices = _poison_non_finite(queries, keys, distances, indices)
   if padded != n_q:
     distances, indices = _first_rows((distances, indices), n_q)
   return KnnResult(distances, indices)

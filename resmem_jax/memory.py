@@ -152,7 +152,11 @@ def residuals_unchecked(targets, base_outputs, *, task: str, temperature=1.0):
   """`residuals` without host checks, for use inside jit (temperature may be traced)."""
   base = base_prediction(base_outputs, task=task, temperature=temperature)
   if task == "classification":
-    return jax.nn.one_hot(targets, base_outputs.shape[-1], dtype=base.dtype) - base
+    # A label outside [0, C) (unchecked under jit) would one-hot to zeros, a plausible
+    # residual -softmax(z / T): NaN instead.
+    c = base_outputs.shape[-1]
+    valid = ((targets >= 0) & (targets < c))[..., None]
+    return jnp.where(valid, jax.nn.one_hot(targets, c, dtype=base.dtype) - base, jnp.nan)
   return targets.astype(base.dtype) - base
 
 

@@ -167,6 +167,28 @@ def test_bad_block_sizes(kwargs, fragment):
     BlockSizes(**kwargs)
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_input_under_jit_is_marked(bad):
+  """Under jit values cannot be checked: a bad query row, or any bad key, comes back
+  as NaN distances and index -1 (an inf query used to return index N, past the keys)."""
+  queries, keys = _data(n_q=12, n=50, dim=4)
+  want = resmem_jax.knn(queries, keys, 3)
+  search = jax.jit(lambda q, x: resmem_jax.knn(q, x, 3))
+  got = search(_set(queries, (3, 1), bad), keys)
+  assert np.all(np.isnan(got.distances[3])) and np.all(got.indices[3] == -1)
+  rest = np.arange(12) != 3
+  np.testing.assert_array_equal(got.indices[rest], want.indices[rest])
+  np.testing.assert_array_equal(got.distances[rest], want.distances[rest])
+  got = search(queries, _set(keys, (7, 0), bad))
+  assert np.all(np.isnan(got.distances)) and np.all(got.indices == -1)
+
+
+def _set(x, where, value):
+  x = x.copy()
+  x[where] = value
+  return x
+
+
 def test_zero_columns_named():
   """D = 0 reached math.log2(0) in the search scale: 'math domain error'."""
   with _raises(ValueError, "at least one column", "(2, 0)", "(3, 0)"):

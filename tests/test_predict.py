@@ -135,6 +135,32 @@ def test_predict_under_jit_with_a_closed_over_memory():
     jax.jit(lambda e: rm.predict(mem, e, bad, k=7, sigma=0.5))(xq)
 
 
+def test_non_finite_input_under_jit_gives_nan_not_a_plausible_answer():
+  """Traced values cannot be checked; an inf used to come out as a finite prediction
+  (its neighbour index N clamped to the last row, or an inf key dropped)."""
+  mem, _, _, _, xq, zq = _classification()
+  want = np.asarray(rm.predict(mem, xq, zq, k=7, sigma=0.5))
+  step = jax.jit(lambda m, e: rm.predict(m, e, zq, k=7, sigma=0.5))
+  got = np.asarray(step(mem, jnp.asarray(xq).at[3, 0].set(jnp.inf)))
+  assert np.all(np.isnan(got[3]))
+  np.testing.assert_allclose(np.delete(got, 3, axis=0), np.delete(want, 3, axis=0),
+                             rtol=0, atol=1e-6)
+  bad_key = mem._replace(keys=mem.keys.at[0, 0].set(-jnp.inf))
+  assert np.all(np.isnan(np.asarray(step(bad_key, xq))))
+
+
+def test_out_of_range_labels_under_jit_give_nan_residuals():
+  _, x, y, z, _, _ = _classification()
+  y = np.asarray(y).copy()
+  y[2] = z.shape[1]  # one past the last class
+  mem = jax.jit(lambda yy: rm.build_memory(x, yy, z, task="classification",
+                                           temperature=1.0))(y)
+  res = np.asarray(mem.residuals)
+  assert np.all(np.isnan(res[2])) and np.all(np.isfinite(np.delete(res, 2, axis=0)))
+  with pytest.raises(ValueError, match=r"targets must be labels in \[0, C=\d+\)"):
+    rm.build_memory(x, y, z, task="classification", temperature=1.0)
+
+
 def test_sigma_as_an_array_or_traced():
   mem, _, _, _, xq, zq = _classification()
   want = np.asarray(rm.predict(mem, xq, zq, k=7, sigma=0.5))
