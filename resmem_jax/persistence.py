@@ -29,6 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from resmem_jax import _validation as v
 from resmem_jax.memory import TASKS, Memory, MemoryMeta, check_meta, check_memory
 
 # 2: each array's shape and dtype in the metadata (1 assumed float32 residuals and
@@ -225,7 +226,8 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
   Raises:
     ValueError: missing or foreign directory, an unknown format version, an
       expectation that does not hold, a dtype JAX cannot hold in its current mode, a
-      sharding whose spec does not split rows evenly.
+      sharding whose spec does not split rows evenly, arrays that disagree with the
+      metadata or hold NaN, inf or labels outside [0, C).
 
   Example:
     >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -291,7 +293,24 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
       raise ValueError(f"size={n} but the arrays hold N={mem.size} rows")
   except (TypeError, ValueError) as e:
     raise ValueError(f"the memory at {shown!r} disagrees with its metadata: {e}") from None
+  try:  # and hold values build_memory could have made (predict does not look again)
+    regression = meta.task == "regression"
+    for name in ("keys", "residuals", "outputs") + (("targets",) * regression):
+      v.finite_magnitude(f"mem.{name}", getattr(mem, name))
+    if not regression and mem.size:
+      # Reduced on the devices (the rows may be split over hosts), then read.
+      low, high = (int(x) for x in jax.device_get(_label_range(mem.targets)))
+      if low < 0 or high >= meta.n_outputs:
+        raise ValueError(f"mem.targets must be labels in [0, C={meta.n_outputs}), got "
+                         f"labels from {low} to {high}")
+  except ValueError as e:
+    raise ValueError(f"the memory at {shown!r} is damaged: {e}") from None
   return mem
+
+
+@jax.jit
+def _label_range(labels):
+  return jnp.min(labels), jnp.max(labels)
 
 
 def _parse_meta(raw: dict, shown: str) -> MemoryMeta:

@@ -229,6 +229,25 @@ def test_load_refuses_metadata_that_is_edited_or_corrupt(tmp_path, edit, message
     rm.load_memory(path)
 
 
+@pytest.mark.parametrize("task,name,value,message", [
+    ("classification", "residuals", np.nan, r"mem.residuals must be finite, got mem.residuals\[5, 1\]=nan"),
+    ("classification", "keys", np.inf, r"mem.keys must be finite"),
+    ("classification", "targets", 3, r"mem.targets must be labels in \[0, C=3\), got "
+                                     r"labels from 0 to 3"),
+    ("classification", "targets", -1, r"mem.targets must be .* from -1 to 2"),
+    ("regression", "targets", -np.inf, r"mem.targets must be finite"),
+])
+def test_load_refuses_damaged_values(tmp_path, task, name, value, message):
+  """predict checks a memory's shapes, not its N x (D + 2C) values; a memory damaged
+  on disk (or saved from a hand-edited one) is caught once, when it is loaded."""
+  mem = _memory(task)
+  arr = np.array(getattr(mem, name))
+  arr[(5, 1)[:arr.ndim]] = value
+  path = rm.save_memory(tmp_path / "mem", mem._replace(**{name: jnp.asarray(arr)}))
+  with pytest.raises(ValueError, match="is damaged: " + message):
+    rm.load_memory(path)
+
+
 def test_saves_numpy_scalars_in_meta_as_json_numbers(tmp_path):
   """check_meta accepts NumPy scalars, so save_memory must write them (it raised
   'Object of type float32 is not JSON serializable' from Orbax's save thread)."""
