@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="where results.json and PNGs go")
   parser.add_argument("--quick", action="store_true",
-                      help="figure 1 only, d in {2, 3, 4}, n up to 1e4 (20-70 s on 2 CPU cores)")
+                      help="figure 1 only, d in {2, 3, 4}, n up to 1e4 (20-90 s on 2 CPU cores)")
   parser.add_argument("--seeds", type=int, default=None, help="number of seeds")
   parser.add_argument("--n_test", type=int, default=None, help="test points per seed")
   parser.add_argument("--domain", choices=theory.DOMAINS, default=None)

@@ -427,7 +427,7 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
   Radii (L) are fractions of ||theta*||. On the project's 2-core CPU machine,
   `python experiments/linear_theory.py --workdir runs/theory` draws all three figures in
   4-5 minutes (232 s and 271 s measured); `--quick` draws figure 1 for d in {2, 3, 4},
-  n in [1e2, 1e4], in 20-70 s, depending on what else shares the machine.
+  n in [1e2, 1e4], in 20-90 s, depending on what else shares the machine.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0

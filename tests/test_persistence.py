@@ -230,7 +230,8 @@ def test_load_refuses_metadata_that_is_edited_or_corrupt(tmp_path, edit, message
 
 
 @pytest.mark.parametrize("task,name,value,message", [
-    ("classification", "residuals", np.nan, r"mem.residuals must be finite, got mem.residuals\[5, 1\]=nan"),
+    ("classification", "residuals", np.nan,
+     r"mem.residuals must be finite, got mem.residuals\[5, 1\]=nan"),
     ("classification", "keys", np.inf, r"mem.keys must be finite"),
     ("classification", "targets", 3, r"mem.targets must be labels in \[0, C=3\), got "
                                      r"labels from 0 to 3"),
