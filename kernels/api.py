@@ -304,9 +304,13 @@ def _promote(queries, keys):
   return queries.astype(dtype), keys.astype(dtype)
 
 
+def _row_padding(x, rows: int) -> list[tuple[int, int]]:
+  return [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _pad_rows(x, rows: int):
-  return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+  return jnp.pad(x, _row_padding(x, rows))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -320,7 +324,7 @@ def pad_rows(x, rows: int):
   if x.shape[0] == rows:
     return x
   if isinstance(x, np.ndarray):
-    return np.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+    return np.pad(x, _row_padding(x, rows))
   return _pad_rows(x, rows)
 
 

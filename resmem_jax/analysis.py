@@ -425,14 +425,23 @@ def hardware() -> dict[str, Any]:
           "cpu_count": os.cpu_count()}
 
 
-def write_json(path: str, obj: Any) -> str:
-  """Writes `obj` as indented, strict JSON (NumPy and JAX values converted, NaN and inf
-  as null). The text is made first and moved into place, so a value JSON cannot hold
-  raises and leaves the file as it was, not cut off mid-way."""
-  text = json.dumps(_json_ready(obj), indent=2, allow_nan=False)
+def write_text(path: str, text: str) -> str:
+  """Writes `text` to a temporary file beside `path` and moves it into place, so a
+  failed write (disk full, an interrupt) leaves the old file whole, never cut off."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # open(): the umask's mode
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return path
+
+
+def write_json(path: str, obj: Any) -> str:
+  """Writes `obj` as indented, strict JSON (NumPy and JAX values converted, NaN and inf
+  as null), with `write_text`: a value JSON cannot hold raises before anything is
+  written, and leaves the file as it was."""
+  return write_text(path, json.dumps(_json_ready(obj), indent=2, allow_nan=False))

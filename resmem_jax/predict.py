@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from resmem_jax import _validation as v
 from resmem_jax.kernels import sharded
-from resmem_jax.kernels.api import knn, query_bucket
+from resmem_jax.kernels.api import knn, pad_rows, query_bucket
 from resmem_jax.kernels.base import KnnResult
 from resmem_jax.memory import (Memory, base_prediction, check_memory, check_queries,
                                check_temperature, safe_scale)
@@ -174,13 +174,6 @@ def check_sigma(name: str, sigma):
   return check_temperature(name, v.concrete_scalar(sigma))
 
 
-def _pad_rows(x, rows: int):
-  if x.shape[0] == rows:
-    return x
-  pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
-  return np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
-
-
 def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
                   query_chunk: int, extra: tuple = ()) -> Iterator[tuple]:
   """Exact neighbours of the queries, chunk by chunk, with `exclude` applied.
@@ -194,13 +187,13 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
   for start in range(0, n_q, query_chunk):
     stop = min(start + query_chunk, n_q)
     rows = query_bucket(stop - start)
-    queries = _pad_rows(embeddings[start:stop], rows)
+    queries = pad_rows(embeddings[start:stop], rows)
     res = knn(queries, mem.keys, search_k, implementation=implementation)
     if exclude is not None:
       res = _drop_excluded_jit(res.distances, res.indices,
-                               jnp.asarray(_pad_rows(exclude[start:stop], rows), jnp.int32),
+                               jnp.asarray(pad_rows(exclude[start:stop], rows), jnp.int32),
                                n=mem.size)
-    yield stop - start, res, tuple(_pad_rows(x[start:stop], rows) for x in extra)
+    yield stop - start, res, tuple(pad_rows(x[start:stop], rows) for x in extra)
 
 
 _drop_excluded_jit = jax.jit(drop_excluded, static_argnames="n")

@@ -508,12 +508,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"{tuple(config.figures)!r}")
   for name in config.figures:
     v.check_choice("figures", name, FIGURES)
-  for name, grid in (("risk_vs_n.dims", config.risk_vs_n.dims),
-                     ("risk_vs_capacity.dims", config.risk_vs_capacity.dims),
-                     ("risk_vs_capacity.radii", config.risk_vs_capacity.radii)):
-    if name.split(".")[0] in config.figures and not grid:
-      raise ValueError(f"{name} must hold at least one value when figures names "
-                       f"{name.split('.')[0]!r}, got {name}={tuple(grid)!r}")
+  for figure, field in (("risk_vs_n", "dims"), ("risk_vs_capacity", "dims"),
+                        ("risk_vs_capacity", "radii")):
+    grid = config[figure][field]
+    if figure in config.figures and not grid:
+      raise ValueError(f"{figure}.{field} must hold at least one value when figures "
+                       f"names {figure!r}, got {figure}.{field}={tuple(grid)!r}")
   min_d = 2 if config.domain == "sphere" else 1
   for d in tuple(config.risk_vs_n.dims) + tuple(config.risk_vs_capacity.dims) + (config.noise.d,):
     v.check_int("d", d, low=min_d)

@@ -230,14 +230,7 @@ def _resume_metrics(path: str, upto_epoch: int) -> list[dict[str, Any]]:
                          f"workdir, which only this function writes") from None
   kept = [r for r in records if r["epoch"] <= upto_epoch]
   if len(kept) < len(lines):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    analysis_lib.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
   return kept
 
 
