@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 from resmem_jax import _validation as v
 from resmem_jax.kernels import sharded
 from resmem_jax.kernels import xla as _xla
-from resmem_jax.kernels.base import BlockSizes, KnnResult
+from resmem_jax.kernels.base import BlockSizes, Centring, KnnResult
 from resmem_jax.kernels.direct import knn_direct
 from resmem_jax.kernels.reference import knn_reference
 from resmem_jax.kernels.xla import PACKED_ULPS, knn_xla
@@ -23,8 +23,9 @@ from resmem_jax.kernels.xla import PACKED_ULPS, knn_xla
 HIGHEST = jax.lax.Precision.HIGHEST
 METRICS = ("l2", "ip")
 
-# name -> fn(queries, keys, k, *, metric, block_sizes) -> (scores, indices), on centred
-# inputs. Optional backends register themselves through guarded imports below so a
+# name -> fn(queries, keys, k, *, metric, block_sizes, centring) -> (scores, indices),
+# ranking `centring(queries)` against `centring(keys)`, the keys centred tile by tile
+# (kernels/base.py: `Centring`). Optional backends register themselves through guarded imports below so a
 # missing backend never breaks `import resmem_jax`.
 # "direct" sums (q_i - x_i)^2 over every pair (no matmul): slow, never the default, and
 # the exact fallback for the queries whose certificate fails (see `search_certified`).
@@ -217,12 +218,14 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   # The direct fallback re-scores at the same width as the ranked search, so the
   # distances it returns for a row are the same bits.
   width = width or n_candidates(k, n)
-  if implementation == "direct":
-    q_rank, k_rank = queries * scale, keys * scale  # no centring: see kernels/direct.py
-  else:
-    q_rank, k_rank = queries * scale - mean, keys * scale - mean
+  if implementation == "direct":  # scaled, not centred: see kernels/direct.py
+    mean = jnp.zeros_like(mean)
+  # The keys are centred tile by tile inside the search, and where they are gathered
+  # below: a centred copy of them would double the memory the search needs.
+  centre = Centring(jnp.asarray(scale, keys.dtype), mean.astype(keys.dtype))
+  q_rank = centre(queries)
   scores, indices = IMPLEMENTATIONS[implementation](
-      q_rank, k_rank, n_cand, metric=metric, block_sizes=block_sizes)
+      queries, keys, n_cand, metric=metric, block_sizes=block_sizes, centring=centre)
   # Keeps XLA from fusing the search into what follows: on CPU a lax.top_k of k <= 9
   # fused with the re-scoring ran ~15x slower (the reference path at k = 1..5).
   scores, indices = jax.lax.optimization_barrier((scores, indices))
@@ -242,10 +245,10 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   # Paired minima (the XLA path's, the GPU kernel's) tag the ranking scores, moving
   # them by up to PACKED_ULPS units in the last place (kernels/xla.py): twice that
   # joins the bound.
-  tags = _tags_scores(implementation, n_cand, n, dim, k_rank.dtype, metric, block_sizes)
+  tags = _tags_scores(implementation, n_cand, n, dim, keys.dtype, metric, block_sizes)
   tagged_ulps = PACKED_ULPS if tags else 0
   gamma = (4.0 * (dim + 2) / 2 + 2.0 * tagged_ulps) * float(jnp.finfo(scores.dtype).eps)
-  radius = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k_rank), axis=-1)))
+  radius = jnp.sqrt(jnp.max(_xla.squared_norms(keys, centre)))
   q_sq = jnp.sum(jnp.square(q_rank), axis=-1)
   s_m = jnp.max(scores, axis=-1)
   if metric == "ip":  # scores and distances are both -<q, x> on the scaled data
@@ -254,14 +257,14 @@ def search_certified(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
   else:
     error = gamma * (radius * radius + 2.0 * jnp.sqrt(q_sq) * radius)
     separated = jnp.square(distances[:, k - 1]) * (1.0 + gamma) < s_m + q_sq - error
-  trusted = _top_score_is_its_keys(q_rank, k_rank, scores, ranked, metric, gamma, error,
-                                   q_sq, radius)
+  trusted = _top_score_is_its_keys(q_rank, keys, centre, scores, ranked, metric, gamma,
+                                   error, q_sq, radius)
   # Every key is a candidate when n_cand == n: nothing was left out to separate.
   certified = trusted if n_cand == n else trusted & separated
   return unscale(distances[:, :k]), indices[:, :k], certified
 
 
-def _top_score_is_its_keys(q_rank, k_rank, scores, indices, metric: str, gamma: float,
+def _top_score_is_its_keys(q_rank, keys, centre, scores, indices, metric: str, gamma: float,
                            error, q_sq, radius) -> Array:
   r"""Per row: the largest candidate score is its key's score, up to rounding.
 
@@ -276,11 +279,11 @@ def _top_score_is_its_keys(q_rank, k_rank, scores, indices, metric: str, gamma: 
   fails is recomputed by the exact fallback, like any uncertified row. (A key that
   the implementation skipped while reporting true scores is beyond this check.)
   """
-  n, dim = k_rank.shape
+  n, dim = keys.shape
   top = jnp.argmax(scores, axis=-1)[:, None]
   s_top = jnp.take_along_axis(scores, top, axis=1)[:, 0]
   idx = jnp.take_along_axis(indices, top, axis=1)[:, 0]
-  x = k_rank[jnp.clip(idx, 0, n - 1)]
+  x = centre(keys[jnp.clip(idx, 0, n - 1)])
   q_norm = jnp.sqrt(q_sq)
   slack = (dim + 2) * float(jnp.finfo(scores.dtype).tiny) * jnp.square(1.0 + q_norm + radius)
   if metric == "ip":
@@ -328,10 +331,17 @@ def pad_rows(x, rows: int):
   return _pad_rows(x, rows)
 
 
-def key_mean(keys: Float[Array, "N D"], metric: str) -> Float[Array, "1 D"]:
-  """Centring for the ranking: the key mean for l2 (exact ranking for offset data)."""
+def key_mean(keys: Float[Array, "N D"], metric: str, scale=1.0) -> Float[Array, "1 D"]:
+  """Centring for the ranking: the mean of `keys * scale` for l2 (exact ranking for
+  offset data), zeros for ip.
+
+  Summed as sum(keys * (scale / N)): the scaled keys are then never an array of their
+  own (XLA:CPU would keep `keys * scale`, used here and by the search's norms, as an
+  (N, D) copy). Any vector near the mean centres as well; this one is within float32
+  rounding of it.
+  """
   if metric == "l2":
-    return jnp.mean(keys, axis=0, keepdims=True)
+    return jnp.sum(keys * (scale / keys.shape[0]), axis=0, keepdims=True)
   return jnp.zeros((1, keys.shape[1]), keys.dtype)
 
 
@@ -404,7 +414,7 @@ def scale_and_mean(queries, keys, magnitude, metric: str):
     magnitude = jnp.maximum(jnp.max(jnp.abs(queries), initial=0.0),
                             jnp.max(jnp.abs(keys), initial=0.0))
   scale = search_scale(magnitude, keys.shape[1], keys.dtype)
-  return scale, key_mean(keys * scale, metric)
+  return scale, key_mean(keys, metric, scale)
 
 
 def _default_kernel_or_xla(search: Callable, *arrays):
@@ -499,8 +509,10 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   runs on the data times a power of two (`search_scale`) that keeps squared
   differences from underflowing or overflowing float32 at any data scale. So the
   result equals a float64 brute-force search up to float32 rounding of the distances.
-  Memory stays O(block_q * (block_n + N / chunk) + Q * k) above a centred copy of
-  the keys: the (Q, N) matrix is never formed.
+  The (Q, N) matrix is never formed, nor a copy of the keys (every tile is centred as
+  it is loaded): working memory is O(block_q * block_n + Q * k) plus N squared norms
+  and, for the pruned XLA search, the chunk minima of a segment of keys, a few times
+  `xla.SEGMENT_BYTES` (64 MiB) at most (kernels/xla.py).
 
   On CPU, JAX runs a device's `top_k` selections on one core. In a process started
   with several CPU devices (`jax.config.update("jax_num_cpu_devices", os.cpu_count())`

@@ -23,6 +23,33 @@ class KnnResult(NamedTuple):
   indices: Int[Array, "Q k"]
 
 
+class Centring(NamedTuple):
+  """The affine map every implementation applies to its inputs: x -> x * scale - mean.
+
+  `kernels.api` searches on data times a power of two (`api.search_scale`), centred by
+  the key mean (exact ranking for offset data). The keys go to an implementation
+  as they are, with this map, which it applies to each tile of keys it loads (and to
+  each key it gathers): a centred copy of all the keys would double the search's
+  memory. `scale` is exact (a power of two), so a tile computes the same bits as a
+  copy would have held, fused multiply-add or not.
+
+  Attributes:
+    scale: 0-d array, a power of two.
+    mean: (1, D) array, subtracted after scaling (zeros: no centring).
+  """
+
+  scale: Float[Array, ""]
+  mean: Float[Array, "1 D"]
+
+  def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    return x * self.scale - self.mean.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def centre_fn(centring: "Centring | None"):
+  """`centring` as a function of a tile (the identity for None)."""
+  return (lambda x: x) if centring is None else centring
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Static tiling of the blocked search (hashable: it is a static jit argument).
@@ -34,7 +61,8 @@ class BlockSizes:
     chunk: consecutive keys per pruning chunk (0 disables pruning). The k smallest
       scores of a row lie inside the k chunks with the smallest minima, so a cheap
       vectorized min per chunk shrinks what the exact selection must scan; it costs
-      block_q * N / chunk floats of chunk minima per query tile.
+      block_q / chunk floats of chunk minima per key, as far as `xla.SEGMENT_BYTES`
+      (64 MiB) per query tile, beyond which the keys are searched in segments.
     pairs: keep each chunk's two smallest scores, the smallest tagged with its position,
       instead of the minimum alone (l2 on float32 only; ip and float64 ignore it). The
       k winners are then read off the chosen chunks' minima, and only the few chosen

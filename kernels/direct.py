@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from resmem_jax.kernels.base import Centring, centre_fn
 from resmem_jax.kernels.xla import running_top_k
 
 # Bounds the (block_q, block_n, D) difference tensor: 2^21 floats = 8 MiB.
@@ -31,18 +32,20 @@ def _direct_scores(q: Float[Array, "bq D"], x: Float[Array, "bn D"], aux, *, met
 
 
 def knn_direct(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
-               metric: str = "l2", block_sizes=None
+               metric: str = "l2", block_sizes=None, centring: Centring | None = None
                ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"]]:
-  """Squared distances (l2) or negated inner products (ip) of the k best, lower index first.
+  """Squared distances (l2) or negated inner products (ip) of the k best, lower index
+  first, on `centring(queries)` and `centring(keys)` (keys tile by tile).
 
-  Takes UNcentred inputs: centring rounds each coordinate by eps * |x - mean|, which is
-  exactly the error this path exists to avoid.
+  Meant for a `centring` that only scales (zero mean): centring rounds each coordinate
+  by eps * |x - mean|, which is exactly the error this path exists to avoid.
   """
   del block_sizes
+  centre = centre_fn(centring)
   n_q, dim = queries.shape
   block_n = int(max(1, min(keys.shape[0], _TILE_ELEMENTS // (_BLOCK_Q * dim))))
-  q_tiles = jnp.pad(queries, ((0, -n_q % _BLOCK_Q), (0, 0))).reshape(-1, _BLOCK_Q, dim)
+  q_tiles = jnp.pad(centre(queries), ((0, -n_q % _BLOCK_Q), (0, 0))).reshape(-1, _BLOCK_Q, dim)
   score = lambda q, x, aux: _direct_scores(q, x, aux, metric=metric)
   best, best_idx = jax.lax.map(
-      lambda q: running_top_k(q, keys, k, block_n, score), q_tiles)
+      lambda q: running_top_k(q, keys, k, block_n, score, centre=centre), q_tiles)
   return best.reshape(-1, k)[:n_q], best_idx.reshape(-1, k)[:n_q]

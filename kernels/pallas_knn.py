@@ -9,7 +9,9 @@ with an f32 dot at `Precision.HIGHEST`, masks the ragged edge, and merges the ti
 into a running top-k that stays on chip, written out once per query tile. Selection
 uses only min/max/where/iota (no `lax.top_k`, no sort: neither exists inside a TPU
 kernel, and Triton has no sort). Ties keep the lower index first, as in the XLA path.
-The public wrapper (`kernels/api.py`) centres the inputs and re-scores the winners.
+The public wrapper (`kernels/api.py`) re-scores the winners; it passes the keys as they
+are with their `Centring` (scale and mean), which the kernels apply to each key tile
+on chip, so that no centred copy of the keys is ever made.
 
 Two selections, chosen statically from k:
 
@@ -88,7 +90,7 @@ from jaxtyping import Array, Float, Int
 
 from jax.experimental import pallas as pl
 
-from resmem_jax.kernels.base import BlockSizes
+from resmem_jax.kernels.base import BlockSizes, Centring, centre_fn
 from resmem_jax.kernels import xla
 from resmem_jax.kernels.xla import knn_xla
 
@@ -189,6 +191,15 @@ def _row_any(mask) -> jax.Array:
   """Scalar: whether any entry of a 2-D boolean mask is set (one axis at a time:
   Triton reduces a single axis per op)."""
   return jnp.max(jnp.max(mask.astype(jnp.int32), axis=1), axis=0) > 0
+
+
+def _centring_rows(centring: Centring | None, dim: int) -> tuple[jax.Array, jax.Array]:
+  """`centring` as two (1, D) float32 rows, the scale repeated and the mean, which
+  the kernels apply to each key tile they load (identity for None)."""
+  if centring is None:
+    return jnp.ones((1, dim), jnp.float32), jnp.zeros((1, dim), jnp.float32)
+  scale = jnp.broadcast_to(centring.scale.astype(jnp.float32), (1, dim))
+  return scale, centring.mean.astype(jnp.float32).reshape(1, dim)
 
 
 def _tile_scores(q, x, x_sq, col0, n: int, metric: str):
@@ -301,8 +312,8 @@ def certify_and_extract(regs, regs_idx, k: int, width: int):
 # TPU kernels (Mosaic; also what CPU interpret mode runs).
 
 
-def _rounds_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, best_ref, best_idx_ref, *,
-                   k: int, n: int, metric: str):
+def _rounds_kernel(q_ref, x_ref, scale_ref, mean_ref, x_sq_ref, out_ref, out_idx_ref, best_ref,
+                   best_idx_ref, *, k: int, n: int, metric: str):
   j = pl.program_id(1)
   block_n = x_ref.shape[0]
 
@@ -310,7 +321,8 @@ def _rounds_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, best_ref, best_
   def _():
     best_ref[...], best_idx_ref[...] = _empty_slots(*best_ref.shape, k)
 
-  scores, cols = _tile_scores(q_ref[...], x_ref[...], x_sq_ref[...], j * block_n, n, metric)
+  x = x_ref[...] * scale_ref[...] - mean_ref[...]  # the key tile, centred on chip
+  scores, cols = _tile_scores(q_ref[...], x, x_sq_ref[...], j * block_n, n, metric)
   best_ref[...], best_idx_ref[...] = merge_rounds(scores, cols, best_ref[...],
                                                   best_idx_ref[...])
 
@@ -322,8 +334,8 @@ def _rounds_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, best_ref, best_
         jnp.where(lane < k, best, jnp.inf), best_idx_ref[...], k, out_ref.shape[1])
 
 
-def _binned_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, ok_ref, regs_ref,
-                   regs_idx_ref, *, k: int, n: int, metric: str, depth: int):
+def _binned_kernel(q_ref, x_ref, scale_ref, mean_ref, x_sq_ref, out_ref, out_idx_ref, ok_ref,
+                   regs_ref, regs_idx_ref, *, k: int, n: int, metric: str, depth: int):
   j = pl.program_id(1)
   block_n = x_ref.shape[0]
   bins = [pl.ds(i * LANES, LANES) for i in range(depth)]
@@ -333,7 +345,8 @@ def _binned_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, ok_ref, regs_re
     regs_ref[...] = jnp.full(regs_ref.shape, jnp.inf, jnp.float32)
     regs_idx_ref[...] = jnp.full(regs_idx_ref.shape, _INT_MAX, jnp.int32)
 
-  scores, cols = _tile_scores(q_ref[...], x_ref[...], x_sq_ref[...], j * block_n, n, metric)
+  x = x_ref[...] * scale_ref[...] - mean_ref[...]  # the key tile, centred on chip
+  scores, cols = _tile_scores(q_ref[...], x, x_sq_ref[...], j * block_n, n, metric)
   chunks = [slice(c * LANES, (c + 1) * LANES) for c in range(block_n // LANES)]
   # Exact skip: a tile with no entry below its lane's m-th best changes no bin.
   last = regs_ref[:, bins[-1]]
@@ -367,21 +380,25 @@ def _pad_rows(x, rows: int):
   return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
-def _knn_tpu(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interpret):
+def _knn_tpu(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interpret,
+             centring: Centring | None = None):
   n_q, dim = queries.shape
   n = keys.shape[0]
   block_q = min(_round_up(block_sizes.block_q, SUBLANES), _round_up(n_q, SUBLANES))
   block_n = min(_round_up(block_sizes.block_n, LANES), _round_up(n, LANES))
   # Arrays smaller than one tile are padded (a copy of less than one tile); larger
   # ones get a ragged last tile that the kernel masks, without a padded copy.
-  queries = _pad_rows(queries, block_q)
+  queries = _pad_rows(centre_fn(centring)(queries), block_q)
   keys = _pad_rows(keys, block_n)
-  x_sq = jnp.sum(keys * keys, axis=1)[None, :]
+  scale, mean = _centring_rows(centring, dim)
+  x_sq = xla.squared_norms(keys, centre_fn(centring))[None, :]
   width = _round_up(k, LANES)
   grid = (pl.cdiv(queries.shape[0], block_q), pl.cdiv(keys.shape[0], block_n))
   in_specs = [
       pl.BlockSpec((block_q, dim), lambda i, j: (i, 0)),
       pl.BlockSpec((block_n, dim), lambda i, j: (j, 0)),
+      pl.BlockSpec((1, dim), lambda i, j: (0, 0)),
+      pl.BlockSpec((1, dim), lambda i, j: (0, 0)),
       pl.BlockSpec((1, block_n), lambda i, j: (0, j)),
   ]
   row_spec = pl.BlockSpec((block_q, width), lambda i, j: (i, 0))
@@ -409,7 +426,7 @@ def _knn_tpu(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interp
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
       interpret=interpret,
       name="knn_pallas_tpu",
-  )(queries, keys, x_sq)
+  )(queries, keys, scale, mean, x_sq)
   outs = [o[:n_q, :k] for o in outs[:2]] + [o[:n_q] for o in outs[2:]]
   return outs
 
@@ -418,20 +435,23 @@ def _knn_tpu(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interp
 # GPU kernel (Triton).
 
 
-def _triton_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, *, k: int, n: int,
-                   dim: int, block_n: int, metric: str):
+def _triton_kernel(q_ref, x_ref, scale_ref, mean_ref, x_sq_ref, out_ref, out_idx_ref, *,
+                   k: int, n: int, dim: int, block_n: int, metric: str):
   block_q, dim_p = q_ref.shape
   dim_mask = lax.broadcasted_iota(jnp.int32, (1, dim_p), 1) < dim
   # The operand tiles are padded to powers of two (Triton's shapes); masked loads
-  # read zeros there, which change neither dots nor norms.
+  # read zeros there (the centred keys too: scale and mean read 0), which change
+  # neither dots nor norms.
   q = pltriton.load(q_ref, mask=dim_mask, other=0.0)
+  scale = pltriton.load(scale_ref, mask=dim_mask, other=0.0)
+  mean = pltriton.load(mean_ref, mask=dim_mask, other=0.0)
 
   def body(t, carry):
     best, best_idx = carry
     start = t * block_n
     rows = start + lax.broadcasted_iota(jnp.int32, (block_n, 1), 0)
     x = pltriton.load(x_ref.at[pl.ds(start, block_n), :], mask=(rows < n) & dim_mask,
-                      other=0.0)
+                      other=0.0) * scale - mean
     x_sq = pltriton.load(x_sq_ref.at[:, pl.ds(start, block_n)],
                          mask=(rows.reshape(1, block_n) < n), other=0.0)
     scores, cols = _tile_scores(q, x, x_sq, start, n, metric)
@@ -446,7 +466,8 @@ def _triton_kernel(q_ref, x_ref, x_sq_ref, out_ref, out_idx_ref, *, k: int, n: i
   out_idx_ref[...] = out_idx
 
 
-def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interpret):
+def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interpret,
+                centring: Centring | None = None):
   n_q, dim = queries.shape
   n = keys.shape[0]
   # Triton needs power-of-two shapes and at least 16 along each dot dimension.
@@ -455,8 +476,9 @@ def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, int
   dim_p = max(16, pl.next_power_of_2(dim))
   width = max(2, pl.next_power_of_2(k))
   # Padding the queries to whole tiles copies fewer than block_q rows.
-  queries = _pad_rows(queries, _round_up(n_q, block_q))
-  x_sq = jnp.sum(keys * keys, axis=1)[None, :]
+  queries = _pad_rows(centre_fn(centring)(queries), _round_up(n_q, block_q))
+  scale, mean = _centring_rows(centring, dim)
+  x_sq = xla.squared_norms(keys, centre_fn(centring))[None, :]
   kernel = functools.partial(_triton_kernel, k=k, n=n, dim=dim, block_n=block_n,
                              metric=metric)
   out, out_idx = pl.pallas_call(
@@ -465,6 +487,8 @@ def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, int
       in_specs=[
           pl.BlockSpec((block_q, dim_p), lambda i: (i, 0)),
           pl.BlockSpec((n, dim_p), lambda i: (0, 0)),
+          pl.BlockSpec((1, dim_p), lambda i: (0, 0)),
+          pl.BlockSpec((1, dim_p), lambda i: (0, 0)),
           pl.BlockSpec((1, n), lambda i: (0, 0)),
       ],
       out_specs=[pl.BlockSpec((block_q, width), lambda i: (i, 0))] * 2,
@@ -473,12 +497,12 @@ def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, int
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="knn_pallas_triton",
-  )(queries, keys, x_sq)
+  )(queries, keys, scale, mean, x_sq)
   return out[:n_q, :k], out_idx[:n_q, :k]
 
 
-def _triton_pairs_kernel(q_ref, x_ref, x_sq_ref, first_ref, second_ref, *, n: int,
-                         dim: int, chunk: int):
+def _triton_pairs_kernel(q_ref, x_ref, scale_ref, mean_ref, x_sq_ref, first_ref, second_ref, *,
+                         n: int, dim: int, chunk: int):
   """One (key tile, query tile) block of chunk pairs: GEMM-shaped, no loop, no state.
 
   Keys-major like `xla._tile_pairs`: the (block_n, block_q) score tile is cut into
@@ -501,6 +525,9 @@ def _triton_pairs_kernel(q_ref, x_ref, x_sq_ref, first_ref, second_ref, *, n: in
     q = pltriton.load(q_ref.at[:, cols], mask=dim_mask, other=0.0)
     x = pltriton.load(x_ref.at[pl.ds(start, block_n), cols], mask=valid & dim_mask,
                       other=0.0)
+    # Centred on chip; padded columns read scale and mean 0, so they stay 0.
+    x = (x * pltriton.load(scale_ref.at[:, cols], mask=dim_mask, other=0.0)
+         - pltriton.load(mean_ref.at[:, cols], mask=dim_mask, other=0.0))
     return dots + lax.dot_general(x, q, _NT, precision=HIGHEST,
                                   preferred_element_type=jnp.float32)
 
@@ -516,22 +543,27 @@ def _triton_pairs_kernel(q_ref, x_ref, x_sq_ref, first_ref, second_ref, *, n: in
 
 
 def triton_chunk_pairs(queries, keys, x_sq, *, chunk: int, block_q: int, block_n: int,
-                       interpret) -> tuple[jax.Array, jax.Array]:
+                       interpret, centring: Centring | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
   """Every chunk's tagged minimum and second score, (ceil(N / chunk), Q) int32 each,
   keys-major as `xla._chunk_pairs` gives them; Q a multiple of `block_q`, `x_sq` the
-  (N, 1) squared key norms, `block_q` and `block_n` powers of two, `block_n` a multiple
-  of `chunk`."""
+  (N, 1) squared norms of the centred keys, `block_q` and `block_n` powers of two,
+  `block_n` a multiple of `chunk`. `queries` are centred already; the key tiles are
+  centred by `centring` on chip."""
   n_q = queries.shape[0]
   n, dim = keys.shape
   dim_p = max(16, pl.next_power_of_2(dim))
   n_key_tiles = pl.cdiv(n, block_n)
   pair_spec = pl.BlockSpec((block_n // chunk, block_q), lambda i, j: (j, i))
+  scale, mean = _centring_rows(centring, dim)
   first, second = pl.pallas_call(
       functools.partial(_triton_pairs_kernel, n=n, dim=dim, chunk=chunk),
       grid=(n_q // block_q, n_key_tiles),
       in_specs=[
           pl.BlockSpec((block_q, dim_p), lambda i, j: (i, 0)),
           pl.BlockSpec((n, dim_p), lambda i, j: (0, 0)),
+          pl.BlockSpec((1, dim_p), lambda i, j: (0, 0)),
+          pl.BlockSpec((1, dim_p), lambda i, j: (0, 0)),
           pl.BlockSpec((n, 1), lambda i, j: (0, 0)),
       ],
       out_specs=[pair_spec, pair_spec],
@@ -539,12 +571,13 @@ def triton_chunk_pairs(queries, keys, x_sq, *, chunk: int, block_q: int, block_n
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="knn_pallas_triton_pairs",
-  )(queries, keys, x_sq)
+  )(queries, keys, scale, mean, x_sq)
   n_chunks = pl.cdiv(n, chunk)  # whole tiles of padding rows are no chunks
   return first[:n_chunks], second[:n_chunks]
 
 
-def _knn_triton_pairs(queries, keys, k: int, block_sizes: BlockSizes, interpret):
+def _knn_triton_pairs(queries, keys, k: int, block_sizes: BlockSizes, interpret,
+                      centring: Centring | None = None):
   """l2 at any k <= MAX_K on the GPU: chunk pairs on chip, the selection in XLA.
 
   The kernel is a fully parallel (query tiles, key tiles) grid that writes, per chunk
@@ -558,10 +591,11 @@ def _knn_triton_pairs(queries, keys, k: int, block_sizes: BlockSizes, interpret)
   n = keys.shape[0]
   chunk = block_sizes.chunk if block_sizes.pairs else PAIRS_CHUNK
   if k * chunk >= n:  # too few keys for chunks to prune anything
-    return knn_xla(queries, keys, k, metric="l2")
+    return knn_xla(queries, keys, k, metric="l2", centring=centring)
   block_q = max(16, pl.next_power_of_2(min(block_sizes.block_q, n_q)))
   block_n = max(16, chunk, pl.next_power_of_2(min(block_sizes.block_n, n)))
-  x_sq = jnp.sum(keys * keys, axis=1)[:, None]
+  centre = centre_fn(centring)
+  x_sq = xla.squared_norms(keys, centre)[:, None]
   # Queries per block: a whole number of query tiles whose pairs fit in PAIRS_BYTES.
   per_tile = pl.cdiv(n, block_n) * block_n // chunk * block_q * 8
   block = block_q * max(1, min(pl.cdiv(n_q, block_q), PAIRS_BYTES // per_tile))
@@ -569,10 +603,11 @@ def _knn_triton_pairs(queries, keys, k: int, block_sizes: BlockSizes, interpret)
 
   def one_block(q):
     first, second = triton_chunk_pairs(q, keys, x_sq, chunk=chunk, block_q=block_q,
-                                       block_n=block_n, interpret=interpret)
-    return xla.paired_select(q, keys, x_sq[:, 0], first, second, k, chunk)
+                                       block_n=block_n, interpret=interpret,
+                                       centring=centring)
+    return xla.paired_select(q, keys, x_sq[:, 0], first, second, k, chunk, centre)
 
-  queries = _pad_rows(queries, n_blocks * block)
+  queries = _pad_rows(centre(queries), n_blocks * block)
   best, best_idx = lax.map(one_block, queries.reshape(n_blocks, block, dim))
   return best.reshape(-1, k)[:n_q], best_idx.reshape(-1, k)[:n_q]
 
@@ -583,12 +618,14 @@ def _knn_triton_pairs(queries, keys, k: int, block_sizes: BlockSizes, interpret)
 
 def knn_pallas(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
                metric: str = "l2", block_sizes: BlockSizes | None = None,
-               backend: str | None = None, interpret=None
+               backend: str | None = None, interpret=None, centring: Centring | None = None
                ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"]]:
   """Ranking scores and int32 indices of the k best keys per query, ascending.
 
-  Takes the centred inputs of the public wrapper `knn` and returns its ranking scores
-  (l2: ||x||^2 - 2 <q, x>; ip: -<q, x>), equal scores lower index first.
+  Ranks `centring(queries)` against `centring(keys)` as the public wrapper `knn`
+  passes them, and returns its ranking scores (l2: ||x||^2 - 2 <q, x>; ip: -<q, x>),
+  equal scores lower index first. The kernels centre each key tile on chip (two
+  (1, D) rows: the scale and the mean), so no centred copy of the keys is made.
 
   Args:
     queries: (Q, D) float32 (bfloat16/float16 are promoted).
@@ -600,6 +637,7 @@ def knn_pallas(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, 
     backend: "tpu" (Mosaic TPU kernel) or "triton" (GPU kernel); None picks "triton"
       on GPU and "tpu" elsewhere (interpreted on CPU).
     interpret: passed to `pallas_call`; None interprets exactly when on CPU.
+    centring: the `Centring` of the inputs; None searches them as they are.
 
   Returns:
     (scores (Q, k) float32, indices (Q, k) int32).
@@ -626,10 +664,10 @@ def knn_pallas(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, 
     block_sizes = default_block_sizes("gpu" if backend == "triton" else platform, k,
                                       queries.shape[1])
   if uses_pairs(backend, k, metric, block_sizes):
-    return _knn_triton_pairs(queries, keys, k, block_sizes, interpret)
+    return _knn_triton_pairs(queries, keys, k, block_sizes, interpret, centring)
   if backend == "triton":
-    return _knn_triton(queries, keys, k, metric, block_sizes, interpret)
-  outs = _knn_tpu(queries, keys, k, metric, block_sizes, interpret)
+    return _knn_triton(queries, keys, k, metric, block_sizes, interpret, centring)
+  outs = _knn_tpu(queries, keys, k, metric, block_sizes, interpret, centring)
   if len(outs) == 2:
     return tuple(outs)
   scores, indices, certified = outs
@@ -637,7 +675,7 @@ def knn_pallas(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, 
 
   def fallback(_):
     # Exact, and only run when some row's bins could not certify their top-k.
-    exact, exact_idx = knn_xla(queries, keys, k, metric=metric)
+    exact, exact_idx = knn_xla(queries, keys, k, metric=metric, centring=centring)
     return (jnp.where(certified[:, None], scores, exact),
             jnp.where(certified[:, None], indices, exact_idx))
 

@@ -2,10 +2,15 @@
 
 For a tile of queries the search runs in three steps:
 
-1. Minima. The key tiles are visited in order; each tile's scores
+1. Minima. The key tiles are visited in order, each centred as it is loaded (the
+   caller's `Centring`: no centred copy of the keys); each tile's scores
    `||x||^2 - 2 <q, x>` (a cache-sized matmul) are reduced to one minimum per chunk of
    `chunk` consecutive keys. Only the minima leave the tile, so the (Q, N) matrix is
-   never formed: memory is O(block_q * (block_n + N / chunk) + Q * k).
+   never formed. Where the minima of a query tile would pass `SEGMENT_BYTES`, the
+   keys are searched in segments (steps 1-3 each; the last one to two segments
+   long) whose k best are merged in key order, so memory is O(block_q * block_n +
+   SEGMENT_BYTES + Q * k) plus N squared norms. Measured (Q = 256, d = 64, 2^22 and
+   2^23 keys, `tests/test_knn_memory.py`): 4 bytes more per key, the norms.
 2. Chunk selection. The k smallest scores of a row lie inside the k chunks with the
    smallest minima: otherwise the minima of k other chunks would be k scores below a
    winner. `lax.top_k` picks those chunks from the whole row's minima at once (through
@@ -43,6 +48,7 @@ its candidates by (distance, index), and a tie that reaches past them fails it).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -50,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from resmem_jax.kernels.base import BlockSizes
+from resmem_jax.kernels.base import BlockSizes, Centring, centre_fn
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # Bytes of gathered keys per exact-search step: a few MiB stay in the last-level cache.
@@ -59,6 +65,9 @@ GATHER_BYTES = 4 << 20
 PAIR_SLOTS = 8
 # Largest change of a ranking score by its position tag: chunks hold at most 64 keys.
 PACKED_ULPS = 64
+# Chunk minima (or pairs) held per query tile: longer key ranges are searched in
+# segments whose k best are merged, so memory does not grow with N.
+SEGMENT_BYTES = 64 << 20
 
 
 def _scores_t(x: Float[Array, "n D"], q: Float[Array, "bq D"], x_sq: Float[Array, "n"] | None
@@ -71,10 +80,10 @@ def _scores_t(x: Float[Array, "n D"], q: Float[Array, "bq D"], x_sq: Float[Array
 
 
 def _padded_tail(keys: Float[Array, "N D"], aux: Float[Array, "N"] | None, start: int,
-                 block_n: int) -> tuple[Float[Array, "block_n D"], Float[Array, "block_n"] | None,
-                                        Array]:
-  """The ragged last keys[start:] (fewer than block_n) and their `aux`, zero-padded to a
-  whole tile, and which of its rows are keys.
+                 block_n: int, centre: Callable
+                 ) -> tuple[Float[Array, "block_n D"], Float[Array, "block_n"] | None, Array]:
+  """The ragged last keys[start:] (fewer than block_n), centred, and their `aux`,
+  zero-padded to a whole tile, and which of its rows are keys.
 
   Every search scores its ragged remainder through this, as a tile of the same shape
   as the others: XLA picks its loops by shape, so a tile of another shape may round
@@ -83,17 +92,38 @@ def _padded_tail(keys: Float[Array, "N D"], aux: Float[Array, "N"] | None, start
   """
   rows = keys.shape[0] - start
   pad = lambda a: None if a is None else jnp.pad(
-      a[start:], ((0, block_n - rows),) + ((0, 0),) * (a.ndim - 1))
-  return pad(keys), pad(aux), jnp.arange(block_n) < rows
+      a, ((0, block_n - rows),) + ((0, 0),) * (a.ndim - 1))
+  return (pad(centre(keys[start:])), pad(None if aux is None else aux[start:]),
+          jnp.arange(block_n) < rows)
+
+
+def _key_tile(keys: Float[Array, "N D"], aux: Float[Array, "N"] | None, b, block_n: int,
+              centre: Callable) -> tuple[Float[Array, "block_n D"], Float[Array, "block_n"] | None]:
+  """Key tile `b` (a traced index), centred, and its `aux`."""
+  x = centre(jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n))
+  return x, None if aux is None else jax.lax.dynamic_slice_in_dim(aux, b * block_n, block_n)
+
+
+def _gather_keys(keys: Float[Array, "N D"], cols: Int[Array, "..."], centre: Callable
+                 ) -> Float[Array, "... D"]:
+  """keys[cols], centred."""
+  return centre(jnp.take(keys, cols, axis=0))
 
 
 def _tail_scores_t(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
-                   key_sq: Float[Array, "N"] | None, start: int, block_n: int
+                   key_sq: Float[Array, "N"] | None, start: int, block_n: int, centre: Callable
                    ) -> Float[Array, "block_n bq"]:
   """`_scores_t` of the ragged last keys[start:] as a whole tile (`_padded_tail`); the
   padding rows score +inf."""
-  x, x_sq, valid = _padded_tail(keys, key_sq, start, block_n)
+  x, x_sq, valid = _padded_tail(keys, key_sq, start, block_n, centre)
   return jnp.where(valid[:, None], _scores_t(x, q, x_sq), jnp.inf)
+
+
+def squared_norms(keys: Float[Array, "N D"], centre: Callable = centre_fn(None)
+                  ) -> Float[Array, "N"]:
+  """||centre(x)||^2 of every key, in one pass that fuses the centring (no copy)."""
+  x = centre(keys)
+  return jnp.sum(x * x, axis=-1)
 
 
 def _smallest(values: Float[Array, "bq m"], k: int) -> Int[Array, "bq k"]:
@@ -107,17 +137,21 @@ def _smallest(values: Float[Array, "bq m"], k: int) -> Int[Array, "bq k"]:
 
 
 def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
-                  key_sq: Float[Array, "N"] | None, block_n: int, chunk: int
-                  ) -> Float[Array, "G bq"]:
-  """Minimum score of every chunk of `chunk` consecutive keys, G = ceil(N / chunk).
+                  key_sq: Float[Array, "N"] | None, block_n: int, chunk: int, centre: Callable,
+                  start=0, length: int | None = None) -> Float[Array, "G bq"]:
+  """Minimum score of every chunk of `chunk` consecutive keys of keys[start:start +
+  length] (default: to the end), G = ceil(length / chunk).
 
   Everything is keys-major, (keys, bq): a chunk is then `chunk` whole rows and its
   minimum an elementwise min of rows, which vectorizes across the queries (a min
   along a short minor axis does not), and no (bq, G) transpose is ever copied.
+  `start` is a multiple of block_n, traced or not; a range with a ragged end must
+  end at N and start at a static offset.
   """
   n = keys.shape[0]
   bq = q.shape[0]
-  n_full = n // block_n
+  length = n - start if length is None else length
+  n_full = length // block_n
 
   def tile_minima(scores):
     return scores.reshape(-1, chunk, bq).min(axis=1)
@@ -125,17 +159,17 @@ def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
   parts = []
   if n_full:
     def body(_, b):
-      x = jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n)
-      x_sq = None if key_sq is None else jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
+      x, x_sq = _key_tile(keys, key_sq, b, block_n, centre)
       return None, tile_minima(_scores_t(x, q, x_sq))
 
     # minima: (T, block_n / chunk, bq)
-    _, minima = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))
+    _, minima = jax.lax.scan(body, None,
+                             start // block_n + jnp.arange(n_full, dtype=jnp.int32))
     parts.append(minima.reshape(-1, bq))
-  if n % block_n:
-    start = n_full * block_n
-    minima = tile_minima(_tail_scores_t(q, keys, key_sq, start, block_n))
-    parts.append(minima[:-(-(n - start) // chunk)])
+  if length % block_n:
+    tail = start + n_full * block_n
+    minima = tile_minima(_tail_scores_t(q, keys, key_sq, tail, block_n, centre))
+    parts.append(minima[:-(-(n - tail) // chunk)])
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
@@ -214,25 +248,28 @@ def _tile_pairs(scores: Float[Array, "n bq"], chunk: int
 
 
 def _chunk_pairs(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
-                 block_n: int, chunk: int) -> tuple[Int[Array, "G bq"], Int[Array, "G bq"]]:
-  """`_tile_pairs` of every key tile, keys-major like `_chunk_minima`."""
+                 block_n: int, chunk: int, centre: Callable = centre_fn(None), start=0,
+                 length: int | None = None) -> tuple[Int[Array, "G bq"], Int[Array, "G bq"]]:
+  """`_tile_pairs` of every key tile of keys[start:start + length], keys-major, for
+  ranges as in `_chunk_minima`."""
   n = keys.shape[0]
   bq = q.shape[0]
-  n_full = n // block_n
+  length = n - start if length is None else length
+  n_full = length // block_n
   firsts, seconds = [], []
   if n_full:
     def body(_, b):
-      x = jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n)
-      x_sq = jax.lax.dynamic_slice_in_dim(key_sq, b * block_n, block_n)
+      x, x_sq = _key_tile(keys, key_sq, b, block_n, centre)
       return None, _tile_pairs(_scores_t(x, q, x_sq), chunk)
 
-    _, (m1, m2) = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))
+    _, (m1, m2) = jax.lax.scan(body, None,
+                               start // block_n + jnp.arange(n_full, dtype=jnp.int32))
     firsts.append(m1.reshape(-1, bq))
     seconds.append(m2.reshape(-1, bq))
-  if n % block_n:
-    start = n_full * block_n
-    m1, m2 = _tile_pairs(_tail_scores_t(q, keys, key_sq, start, block_n), chunk)
-    n_chunks = -(-(n - start) // chunk)
+  if length % block_n:
+    tail = start + n_full * block_n
+    m1, m2 = _tile_pairs(_tail_scores_t(q, keys, key_sq, tail, block_n, centre), chunk)
+    n_chunks = -(-(n - tail) // chunk)
     firsts.append(m1[:n_chunks])
     seconds.append(m2[:n_chunks])
   if len(firsts) == 1:
@@ -241,12 +278,14 @@ def _chunk_pairs(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Flo
 
 
 def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, block_n: int,
-                  score: Callable, aux: Float[Array, "N"] | None = None
+                  score: Callable, aux: Float[Array, "N"] | None = None,
+                  centre: Callable = centre_fn(None)
                   ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
   """The unpruned search: every key tile's top-k merged into a running top-k.
 
-  `score(q, x, aux_tile) -> (bq, tile)` gives a tile's scores (smaller is better);
-  `aux` is a per-key array sliced along with the keys (e.g. ||x||^2), or None.
+  `score(q, x, aux_tile) -> (bq, tile)` gives a tile's scores (smaller is better) on
+  the tile `x = centre(keys tile)`; `aux` is a per-key array sliced along with the
+  keys (e.g. ||x||^2), or None.
   """
   n = keys.shape[0]
   bq = q.shape[0]
@@ -264,8 +303,7 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
     return jnp.take_along_axis(vals, pos, axis=1), jnp.take_along_axis(idx, pos, axis=1)
 
   def body(carry, b):
-    x = jax.lax.dynamic_slice_in_dim(keys, b * block_n, block_n)
-    x_aux = None if aux is None else jax.lax.dynamic_slice_in_dim(aux, b * block_n, block_n)
+    x, x_aux = _key_tile(keys, aux, b, block_n, centre)
     return merge(carry, x, x_aux, b * block_n), None
 
   block_n = min(block_n, n)
@@ -274,21 +312,21 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
   carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full, dtype=jnp.int32))
   if n % block_n:
     start = n_full * block_n
-    x, x_aux, valid = _padded_tail(keys, aux, start, block_n)
+    x, x_aux, valid = _padded_tail(keys, aux, start, block_n, centre)
     carry = merge(carry, x, x_aux, start, valid)
   return carry
 
 
 def _exact_search(q: Float[Array, "s D"], keys: Float[Array, "N D"],
-                  key_sq: Float[Array, "N"] | None, chunk_ids: Int[Array, "s k"], chunk: int
-                  ) -> tuple[Float[Array, "s k"], Int[Array, "s k"]]:
+                  key_sq: Float[Array, "N"] | None, chunk_ids: Int[Array, "s k"], chunk: int,
+                  centre: Callable) -> tuple[Float[Array, "s k"], Int[Array, "s k"]]:
   """The k best keys among the chosen chunks' members: gather, re-score, `top_k`."""
   n = keys.shape[0]
   s, k = chunk_ids.shape
   cols = (chunk_ids[:, :, None] * chunk + jnp.arange(chunk)[None, None, :]).reshape(s, k * chunk)
   valid = cols < n  # the last chunk may be partial
   cols = jnp.minimum(cols, n - 1)
-  x = jnp.take(keys, cols, axis=0)  # (s, k * chunk, D)
+  x = _gather_keys(keys, cols, centre)  # (s, k * chunk, D)
   dots = jnp.einsum("qd,qmd->qm", q, x, precision=HIGHEST)
   scores = -dots if key_sq is None else jnp.take(key_sq, cols) - 2.0 * dots
   scores = jnp.where(valid, scores, jnp.inf)
@@ -307,8 +345,8 @@ def _gather_rows(bq: int, row_bytes: int) -> int:
 
 
 def _exact_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
-                key_sq: Float[Array, "N"] | None, chunk_ids: Int[Array, "bq k"], chunk: int
-                ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+                key_sq: Float[Array, "N"] | None, chunk_ids: Int[Array, "bq k"], chunk: int,
+                centre: Callable) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
   """Step 3 for a whole query tile, a few queries (`_gather_rows`) at a time.
 
   The chosen chunks are put in increasing order first, so that every candidate list
@@ -319,16 +357,19 @@ def _exact_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
   d = keys.shape[1]
   rows = _gather_rows(bq, k * chunk * d * keys.dtype.itemsize)
   best, best_idx = jax.lax.map(
-      lambda a: _exact_search(a[0], keys, key_sq, a[1], chunk),
+      lambda a: _exact_search(a[0], keys, key_sq, a[1], chunk, centre),
       (q.reshape(-1, rows, d), chunk_ids.reshape(-1, rows, k)))
   return best.reshape(bq, k), best_idx.reshape(bq, k)
 
 
 def paired_select(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
-                  first: Int[Array, "G bq"], second: Int[Array, "G bq"], k: int, chunk: int
+                  first: Int[Array, "G bq"], second: Int[Array, "G bq"], k: int, chunk: int,
+                  centre: Callable = centre_fn(None), chunk0=0
                   ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
   """Steps 2-3 with paired minima (module docstring), from every chunk's tagged minimum
-  `first` and second score `second` (`_tile_pairs`; G = ceil(N / chunk), keys-major).
+  `first` and second score `second` (`_tile_pairs`; keys-major, G chunks from chunk
+  `chunk0` on: all of them by default). `q` is centred; `keys` are centred by `centre`
+  as they are gathered.
 
   Also the selection step of the Pallas GPU kernel for large k (kernels/pallas_knn.py),
   which computes the pairs on chip.
@@ -340,6 +381,7 @@ def paired_select(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Fl
   low = first[chunk_ids, rows]
   tau = jnp.max(low, axis=1, keepdims=True)
   crowded = second[chunk_ids, rows] <= tau  # may hold a second winner
+  chunk_ids = chunk_ids + chunk0  # rows of `first` to global chunk ids from here on
   # The first PAIR_SLOTS crowded chunks (stable top_k: in position order) are searched
   # key by key; empty slots are masked.
   n_slots = min(PAIR_SLOTS, k)
@@ -350,7 +392,7 @@ def paired_select(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Fl
           + jnp.arange(chunk)[None, None, :]).reshape(bq, n_slots * chunk)
   valid = jnp.repeat(slot_used, chunk, axis=1) & (cols < n)
   cols = jnp.minimum(cols, n - 1)
-  dots = jnp.einsum("qd,qmd->qm", q, jnp.take(keys, cols, axis=0), precision=HIGHEST)
+  dots = jnp.einsum("qd,qmd->qm", q, _gather_keys(keys, cols, centre), precision=HIGHEST)
   member_scores = jnp.where(valid, jnp.take(key_sq, cols) - 2.0 * dots, jnp.inf)
   # Every other chosen chunk contributes its tagged minimum alone.
   low_scores = jnp.where(crowded, jnp.inf, from_ordered(low))
@@ -363,32 +405,72 @@ def paired_select(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Fl
   overflow = jnp.sum(crowded, axis=1) > n_slots
 
   def unpaired():
-    exact, exact_idx = _exact_tile(q, keys, key_sq, chunk_ids, chunk)
+    exact, exact_idx = _exact_tile(q, keys, key_sq, chunk_ids, chunk, centre)
     return (jnp.where(overflow[:, None], exact, best),
             jnp.where(overflow[:, None], exact_idx, best_idx))
 
   return jax.lax.cond(jnp.any(overflow), unpaired, lambda: (best, best_idx))
 
 
-def _paired_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
-                 k: int, block_n: int, chunk: int
-                 ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
-  """Steps 1-3 with paired minima (module docstring)."""
-  first, second = _chunk_pairs(q, keys, key_sq, block_n, chunk)
-  return paired_select(q, keys, key_sq, first, second, k, chunk)
+def _pruned_range(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+                  key_sq: Float[Array, "N"] | None, k: int, block_n: int, chunk: int,
+                  pairs: bool, centre: Callable, start, length: int
+                  ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  """Steps 1-3 (module docstring) on keys[start:start + length]; global indices."""
+  if pairs:
+    first, second = _chunk_pairs(q, keys, key_sq, block_n, chunk, centre, start, length)
+    return paired_select(q, keys, key_sq, first, second, k, chunk, centre,
+                         chunk0=start // chunk)
+  minima = _chunk_minima(q, keys, key_sq, block_n, chunk, centre, start, length)
+  chunk_ids = _select_chunks(minima, k) + start // chunk
+  return _exact_tile(q, keys, key_sq, chunk_ids, chunk, centre)
+
+
+def segment_length(block_q: int, block_n: int, chunk: int, k: int, pairs: bool) -> int:
+  """Keys per segment of the pruned search: whole key tiles whose chunk minima (4
+  bytes per chunk and query) or pairs (8) fit in SEGMENT_BYTES, and at least 4 k
+  chunks, so that the k chosen chunks prune most of a segment."""
+  per_chunk = block_q * (8 if pairs else 4)
+  length = max(SEGMENT_BYTES // per_chunk * chunk, 4 * k * chunk)
+  return -(-length // block_n) * block_n
+
+
+def _merge_best(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
+  """The k best of two (scores, indices) lists, `a`'s (lower indices) first on ties."""
+  scores = jnp.concatenate([a[0], b[0]], axis=1)
+  indices = jnp.concatenate([a[1], b[1]], axis=1)
+  pos = _smallest(scores, a[0].shape[1])
+  return jnp.take_along_axis(scores, pos, axis=1), jnp.take_along_axis(indices, pos, axis=1)
 
 
 def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
                 key_sq: Float[Array, "N"] | None, k: int, block_n: int, chunk: int,
-                pairs: bool = False) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+                pairs: bool, centre: Callable) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
+  """The k best keys of one centred query tile; keys are centred tile by tile.
+
+  Beyond two segments (`segment_length`), the keys are searched a segment at a time
+  (the last takes the remainder, one to two segments long) and the k best of each
+  merged into a running k best, in key order: the chunk minima then take constant
+  memory instead of block_q * N / chunk floats.
+  """
   n = keys.shape[0]
   if not chunk or k * chunk >= n:  # pruning cannot help
     return running_top_k(q, keys, k, block_n, lambda q, x, x_sq: _scores_t(x, q, x_sq).T,
-                         key_sq)
-  if pairs:
-    return _paired_tile(q, keys, key_sq, k, block_n, chunk)
-  chunk_ids = _select_chunks(_chunk_minima(q, keys, key_sq, block_n, chunk), k)
-  return _exact_tile(q, keys, key_sq, chunk_ids, chunk)
+                         key_sq, centre)
+  search = functools.partial(_pruned_range, q, keys, key_sq, k, block_n, chunk, pairs, centre)
+  segment = segment_length(q.shape[0], block_n, chunk, k, pairs)
+  n_segments = n // segment
+  if n_segments < 2:
+    return search(0, n)
+
+  def body(best, s):
+    return _merge_best(best, search(s * segment, segment)), None
+
+  bq = q.shape[0]
+  empty = (jnp.full((bq, k), jnp.inf, q.dtype), jnp.full((bq, k), n, jnp.int32))
+  best, _ = jax.lax.scan(body, empty, jnp.arange(n_segments - 1, dtype=jnp.int32))
+  last = (n_segments - 1) * segment
+  return _merge_best(best, search(last, n - last))
 
 
 def tiling(k: int, n: int, dim: int, dtype, metric: str, block_sizes: BlockSizes | None
@@ -409,12 +491,15 @@ def tiling(k: int, n: int, dim: int, dtype, metric: str, block_sizes: BlockSizes
 
 
 def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
-            metric: str = "l2", block_sizes: BlockSizes | None = None
+            metric: str = "l2", block_sizes: BlockSizes | None = None,
+            centring: Centring | None = None
             ) -> tuple[Float[Array, "Q k"], Int[Array, "Q k"]]:
-  """Ranking scores and indices of the k best keys per query (see module docstring).
+  """Ranking scores and indices of the k best keys per query (see module docstring),
+  on `centring(queries)` and `centring(keys)` (None: the inputs as they are).
 
-  Queries are padded to a multiple of the query tile; the public wrapper's size
-  buckets keep that padding small.
+  The keys are centred tile by tile as they are scored, and gathered keys as they are
+  gathered: no centred copy of them is made. Queries are padded to a multiple of the
+  query tile; the public wrapper's size buckets keep that padding small.
   """
   n_q = queries.shape[0]
   n = keys.shape[0]
@@ -425,11 +510,12 @@ def knn_xla(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     block_n = max(chunk, block_n // chunk * chunk)
   block_q = min(block_sizes.block_q, n_q)
   n_tiles = -(-n_q // block_q)
-  padded = queries
+  centre = centre_fn(centring)
+  padded = centre(queries)
   if n_tiles * block_q != n_q:
-    padded = jnp.pad(queries, ((0, n_tiles * block_q - n_q), (0, 0)))
-  key_sq = jnp.sum(keys * keys, axis=-1) if metric == "l2" else None
+    padded = jnp.pad(padded, ((0, n_tiles * block_q - n_q), (0, 0)))
+  key_sq = squared_norms(keys, centre) if metric == "l2" else None
   q_tiles = padded.reshape(n_tiles, block_q, -1)
   best, best_idx = jax.lax.map(
-      lambda q: _query_tile(q, keys, key_sq, k, block_n, chunk, pairs), q_tiles)
+      lambda q: _query_tile(q, keys, key_sq, k, block_n, chunk, pairs, centre), q_tiles)
   return best.reshape(-1, k)[:n_q], best_idx.reshape(-1, k)[:n_q]

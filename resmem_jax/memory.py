@@ -535,11 +535,25 @@ def _check_targets_outputs(targets, base_outputs, *, task, temperature, n,
 
 
 def check_labels(name: str, labels, n_classes: int) -> None:
-  """Raises ValueError naming the first label outside [0, n_classes) (host-side)."""
+  """Raises ValueError unless every label lies in [0, n_classes).
+
+  The range is reduced where the labels live (their rows may be split over devices or
+  hosts); only when a label is out of range, and the array is all on this host, are
+  they copied here to name the first bad one."""
   if v.is_traced(labels) or labels.size == 0:
     return
-  host = np.asarray(labels)
-  bad = np.flatnonzero((host < 0) | (host >= n_classes))
-  if bad.size:
-    raise ValueError(f"{name} must be labels in [0, C={n_classes}), got "
-                     f"{name}[{bad[0]}]={host[bad[0]]}")
+  low, high = (int(x) for x in jax.device_get(_label_range(labels)))
+  if 0 <= low and high < n_classes:
+    return
+  first = ""
+  if getattr(labels, "is_fully_addressable", True):
+    host = np.asarray(labels)
+    bad = np.flatnonzero((host < 0) | (host >= n_classes))[0]
+    first = f"; first {name}[{bad}]={host.reshape(-1)[bad]}"
+  raise ValueError(f"{name} must be labels in [0, C={n_classes}), got labels from {low} "
+                   f"to {high}{first}")
+
+
+@jax.jit
+def _label_range(labels):
+  return jnp.min(labels), jnp.max(labels)

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from resmem_jax import _validation as v
-from resmem_jax.memory import TASKS, Memory, MemoryMeta, check_meta, check_memory
+from resmem_jax.memory import TASKS, Memory, MemoryMeta, check_labels, check_meta, check_memory
 
 # 2: each array's shape and dtype in the metadata (1 assumed float32 residuals and
 # outputs). Both are read.
@@ -297,20 +297,11 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
     regression = meta.task == "regression"
     for name in ("keys", "residuals", "outputs") + (("targets",) * regression):
       v.finite_magnitude(f"mem.{name}", getattr(mem, name))
-    if not regression and mem.size:
-      # Reduced on the devices (the rows may be split over hosts), then read.
-      low, high = (int(x) for x in jax.device_get(_label_range(mem.targets)))
-      if low < 0 or high >= meta.n_outputs:
-        raise ValueError(f"mem.targets must be labels in [0, C={meta.n_outputs}), got "
-                         f"labels from {low} to {high}")
+    if not regression:
+      check_labels("mem.targets", mem.targets, meta.n_outputs)
   except ValueError as e:
     raise ValueError(f"the memory at {shown!r} is damaged: {e}") from None
   return mem
-
-
-@jax.jit
-def _label_range(labels):
-  return jnp.min(labels), jnp.max(labels)
 
 
 def _parse_meta(raw: dict, shown: str) -> MemoryMeta:

@@ -1,7 +1,9 @@
 """Test-wide settings: rank promotion is an error, hypothesis runs a CI-sized budget,
-and a crashed xdist worker's fault dump is printed at the end of the run."""
+compiled executables are released before they exhaust the process's memory maps, and a
+crashed xdist worker's fault dump is printed at the end of the run."""
 
 import faulthandler
+import gc
 import os
 import shutil
 import subprocess
@@ -31,6 +33,42 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "accelerator" in item.keywords:
       item.add_marker(skip)
+
+
+def _map_count() -> int | None:
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return f.read().count(b"\n")
+  except OSError:  # not Linux
+    return None
+
+
+def _map_limit() -> int:
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return 65530  # Linux's default
+
+
+_MAP_LIMIT = _map_limit()
+
+
+def pytest_runtest_teardown(item, nextitem):
+  """XLA:CPU maps each compiled kernel's code and data separately: one compiled kNN
+  search holds ~140 memory maps for as long as JAX caches it. A test process compiles
+  hundreds of searches, and at Linux's default vm.max_map_count (65530) the next mmap
+  fails inside the compiler as a segfault. So JAX's caches are dropped (the executables'
+  maps go with them) between test modules once half the limit is used, or after any
+  test once three quarters are: later tests recompile what they use."""
+  count = _map_count()
+  if count is None:
+    return
+  module = getattr(item, "module", None)
+  last_of_module = nextitem is None or getattr(nextitem, "module", None) is not module
+  if count > _MAP_LIMIT * (2 if last_of_module else 3) // 4:
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

@@ -100,13 +100,13 @@ def main():
   assert sharded.query_mesh(queries[:127], keys) is None  # 127 < 2 x 64
   assert sharded.query_mesh(queries[:8].repeat(40, 0), keys).size == 5  # 320 // 64
   assert sharded.query_mesh(queries[:8].repeat(64, 0), keys).size == 8
-  sharded.MAX_EXTRA_KEY_BYTES = 3 * 2 * keys.nbytes  # room for 3 more copies: 4 devices
+  sharded.MAX_EXTRA_KEY_BYTES = 3 * keys.nbytes  # room for 3 more copies: 4 devices
   mesh4 = sharded.query_mesh(queries[:8].repeat(64, 0), keys)
   assert mesh4.size == 4, mesh4
   same(rm.knn(queries[:8].repeat(40, 0), keys, 5).indices,
        rm.knn(on_device_0(queries[:8].repeat(40, 0)), on_device_0(keys), 5).indices,
        "query-parallel over 4 of 8 devices")
-  sharded.MAX_EXTRA_KEY_BYTES = 2 * keys.nbytes - 1  # not even one copy: one device
+  sharded.MAX_EXTRA_KEY_BYTES = keys.nbytes - 1  # not even one copy: one device
   assert sharded.query_mesh(queries[:8].repeat(64, 0), keys) is None
   sharded.MIN_QUERIES_PER_DEVICE, sharded.MAX_EXTRA_KEY_BYTES = 1, 1 << 30
 

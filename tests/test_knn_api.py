@@ -230,7 +230,7 @@ def test_bad_input_raises_before_compiling(monkeypatch):
 
 
 def _kernel_that_does_not_compile(calls):
-  def knn_pallas(queries, keys, k, *, metric, block_sizes):
+  def knn_pallas(queries, keys, k, *, metric, block_sizes, centring):
     calls.append(k)
     raise NotImplementedError("no Mosaic lowering for this op on this chip\n(long log)")
   return knn_pallas

@@ -7,6 +7,7 @@ default tiles, whose key tiles are larger than every N here, and a gather budget
 small that the exact search steps through a query tile one query at a time.
 """
 
+import numpy as np
 import pytest
 from knn_contract import KnnContract, check_result, scattered_copies
 
@@ -42,6 +43,60 @@ class TestXlaExactSearchOneQueryPerStep(KnnContract):
   @pytest.fixture(autouse=True)
   def _tiny_gather_budget(self, monkeypatch):
     monkeypatch.setattr(xla, "GATHER_BYTES", 1)
+
+
+class TestXlaSegments(KnnContract):
+  """The segment budget shrunk to nothing: every segment is 4 k chunks (rounded up to
+  whole key tiles), so most searches here run several segments through the scan, the
+  last one ragged, and merge their k best across segment boundaries."""
+  IMPLEMENTATION = "xla"
+  BLOCK_SIZES = BlockSizes(block_q=16, block_n=32, chunk=4)  # own tiles: own traces
+
+  @pytest.fixture(autouse=True)
+  def _tiny_segments(self, monkeypatch):
+    monkeypatch.setattr(xla, "SEGMENT_BYTES", 1)
+
+
+class TestXlaPairedSegments(TestXlaSegments):
+  """As above with paired minima (l2 float32; other cases run the unpaired search)."""
+  BLOCK_SIZES = BlockSizes(block_q=16, block_n=32, chunk=4, pairs=True)
+
+
+def test_segments_merge_exact_ties_lower_index_first(monkeypatch):
+  """Six segments of 160 keys (the last 200, ending in a ragged key tile) rank like a
+  float64 brute force, ties lower index first. Small integer coordinates make every
+  score exact in float32, so the many duplicate keys (values 0..2 in 4 dimensions)
+  tie exactly, within and across segments, and at the k-th place. (Paired minima
+  order tied chunk minima by their position tags, which the public `knn` puts right:
+  the contract classes above.)"""
+  pairs = False
+  rng = np.random.default_rng(0)
+  keys = rng.integers(0, 3, (1000, 4)).astype(np.float32)
+  queries = rng.integers(0, 3, (40, 4)).astype(np.float32)
+  blocks = BlockSizes(block_q=16, block_n=32, chunk=4, pairs=pairs)
+  monkeypatch.setattr(xla, "SEGMENT_BYTES", 1)
+  assert xla.segment_length(16, 32, 4, 9, pairs) == 160  # 4 * 9 chunks of 4, in tiles
+  scores, indices = xla.knn_xla(queries, keys, 9, block_sizes=blocks)
+  k64 = keys.astype(np.float64)
+  want_scores = (k64 * k64).sum(1)[None, :] - 2.0 * queries.astype(np.float64) @ k64.T
+  want = np.argsort(want_scores, axis=1, kind="stable")[:, :9]
+  np.testing.assert_array_equal(indices, want)
+  np.testing.assert_array_equal(scores, np.take_along_axis(want_scores, want, axis=1))
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_copies_tie_by_index_across_segments(metric, pairs, monkeypatch):
+  """Exact copies of keys spread over many segments come back lower index first."""
+  monkeypatch.setattr(xla, "SEGMENT_BYTES", 1)
+  blocks = BlockSizes(block_q=8, block_n=16, chunk=2, pairs=pairs)  # own tiles: own traces
+  for seed in range(3):
+    queries, keys = scattered_copies(seed, n=600)
+    for k in (3, 5, 7):
+      assert xla.segment_length(8, 16, 2, k + 4, pairs) < keys.shape[0] // 2
+      result = resmem_jax.knn(queries, keys, k, metric=metric, implementation="xla",
+                              block_sizes=blocks)
+      check_result(result, queries, keys, k, metric, exact_ties=True)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

@@ -161,6 +161,19 @@ def test_out_of_range_labels_under_jit_give_nan_residuals():
     rm.build_memory(x, y, z, task="classification", temperature=1.0)
 
 
+@pytest.mark.parametrize("bad,low,high", [(-2, -2, None), (99, 0, 99)])
+def test_out_of_range_labels_name_the_range_and_the_first(bad, low, high):
+  """The range is reduced on the devices; the first bad label is then named."""
+  _, x, y, z, _, _ = _classification()
+  y = np.asarray(y).copy()
+  y[[3, 5]] = bad
+  high = int(np.max(y)) if high is None else high
+  with pytest.raises(ValueError, match=rf"targets must be labels in \[0, C={z.shape[1]}\), "
+                                       rf"got labels from {low} to {high}; first "
+                                       rf"targets\[3\]={bad}$"):
+    rm.build_memory(x, y, z, task="classification", temperature=1.0)
+
+
 def test_sigma_as_an_array_or_traced():
   mem, _, _, _, xq, zq = _classification()
   want = np.asarray(rm.predict(mem, xq, zq, k=7, sigma=0.5))
