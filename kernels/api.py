@@ -25,8 +25,8 @@ METRICS = ("l2", "ip")
 
 # name -> fn(queries, keys, k, *, metric, block_sizes, centring) -> (scores, indices),
 # ranking `centring(queries)` against `centring(keys)`, the keys centred tile by tile
-# (kernels/base.py: `Centring`). Optional backends register themselves through guarded imports below so a
-# missing backend never breaks `import resmem_jax`.
+# (kernels/base.py: `Centring`). Optional backends register themselves through guarded
+# imports below so a missing backend never breaks `import resmem_jax`.
 # "direct" sums (q_i - x_i)^2 over every pair (no matmul): slow, never the default, and
 # the exact fallback for the queries whose certificate fails (see `search_certified`).
 IMPLEMENTATIONS: dict[str, Callable] = {

@@ -136,14 +136,15 @@ def _smallest(values: Float[Array, "bq m"], k: int) -> Int[Array, "bq k"]:
   return jax.lax.top_k(0.0 - values, k)[1]
 
 
-def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
-                  key_sq: Float[Array, "N"] | None, block_n: int, chunk: int, centre: Callable,
-                  start=0, length: int | None = None) -> Float[Array, "G bq"]:
-  """Minimum score of every chunk of `chunk` consecutive keys of keys[start:start +
-  length] (default: to the end), G = ceil(length / chunk).
+def _per_chunk(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+               key_sq: Float[Array, "N"] | None, block_n: int, chunk: int, centre: Callable,
+               start, length: int | None, reduce: Callable):
+  """`reduce(scores)` of every key tile of keys[start:start + length] (default: to the
+  end), each tile's (block_n, bq) scores to a pytree of (block_n / chunk, bq) arrays,
+  one row per chunk; concatenated to G = ceil(length / chunk) rows.
 
   Everything is keys-major, (keys, bq): a chunk is then `chunk` whole rows and its
-  minimum an elementwise min of rows, which vectorizes across the queries (a min
+  reduction elementwise over rows, which vectorizes across the queries (a reduction
   along a short minor axis does not), and no (bq, G) transpose is ever copied.
   `start` is a multiple of block_n, traced or not; a range with a ragged end must
   end at N and start at a static offset.
@@ -152,25 +153,34 @@ def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
   bq = q.shape[0]
   length = n - start if length is None else length
   n_full = length // block_n
-
-  def tile_minima(scores):
-    return scores.reshape(-1, chunk, bq).min(axis=1)
-
   parts = []
   if n_full:
     def body(_, b):
       x, x_sq = _key_tile(keys, key_sq, b, block_n, centre)
-      return None, tile_minima(_scores_t(x, q, x_sq))
+      return None, reduce(_scores_t(x, q, x_sq))
 
-    # minima: (T, block_n / chunk, bq)
-    _, minima = jax.lax.scan(body, None,
-                             start // block_n + jnp.arange(n_full, dtype=jnp.int32))
-    parts.append(minima.reshape(-1, bq))
+    # leaves: (T, block_n / chunk, bq)
+    _, tiles = jax.lax.scan(body, None,
+                            start // block_n + jnp.arange(n_full, dtype=jnp.int32))
+    parts.append(jax.tree.map(lambda a: a.reshape(-1, bq), tiles))
   if length % block_n:
     tail = start + n_full * block_n
-    minima = tile_minima(_tail_scores_t(q, keys, key_sq, tail, block_n, centre))
-    parts.append(minima[:-(-(n - tail) // chunk)])
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    n_chunks = -(-(n - tail) // chunk)
+    last = reduce(_tail_scores_t(q, keys, key_sq, tail, block_n, centre))
+    parts.append(jax.tree.map(lambda a: a[:n_chunks], last))
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+
+
+def _chunk_minima(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
+                  key_sq: Float[Array, "N"] | None, block_n: int, chunk: int, centre: Callable,
+                  start=0, length: int | None = None) -> Float[Array, "G bq"]:
+  """Minimum score of every chunk of `chunk` consecutive keys of keys[start:start +
+  length], G = ceil(length / chunk), keys-major (`_per_chunk`)."""
+  bq = q.shape[0]
+  return _per_chunk(q, keys, key_sq, block_n, chunk, centre, start, length,
+                    lambda scores: scores.reshape(-1, chunk, bq).min(axis=1))
 
 
 def _select_chunks(minima: Float[Array, "G bq"], k: int) -> Int[Array, "bq k"]:
@@ -250,31 +260,10 @@ def _tile_pairs(scores: Float[Array, "n bq"], chunk: int
 def _chunk_pairs(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Float[Array, "N"],
                  block_n: int, chunk: int, centre: Callable = centre_fn(None), start=0,
                  length: int | None = None) -> tuple[Int[Array, "G bq"], Int[Array, "G bq"]]:
-  """`_tile_pairs` of every key tile of keys[start:start + length], keys-major, for
-  ranges as in `_chunk_minima`."""
-  n = keys.shape[0]
-  bq = q.shape[0]
-  length = n - start if length is None else length
-  n_full = length // block_n
-  firsts, seconds = [], []
-  if n_full:
-    def body(_, b):
-      x, x_sq = _key_tile(keys, key_sq, b, block_n, centre)
-      return None, _tile_pairs(_scores_t(x, q, x_sq), chunk)
-
-    _, (m1, m2) = jax.lax.scan(body, None,
-                               start // block_n + jnp.arange(n_full, dtype=jnp.int32))
-    firsts.append(m1.reshape(-1, bq))
-    seconds.append(m2.reshape(-1, bq))
-  if length % block_n:
-    tail = start + n_full * block_n
-    m1, m2 = _tile_pairs(_tail_scores_t(q, keys, key_sq, tail, block_n, centre), chunk)
-    n_chunks = -(-(n - tail) // chunk)
-    firsts.append(m1[:n_chunks])
-    seconds.append(m2[:n_chunks])
-  if len(firsts) == 1:
-    return firsts[0], seconds[0]
-  return jnp.concatenate(firsts, axis=0), jnp.concatenate(seconds, axis=0)
+  """`_tile_pairs` of every key tile of keys[start:start + length], keys-major
+  (`_per_chunk`)."""
+  return _per_chunk(q, keys, key_sq, block_n, chunk, centre, start, length,
+                    lambda scores: _tile_pairs(scores, chunk))
 
 
 def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, block_n: int,
