@@ -425,7 +425,10 @@ def _default_kernel_or_xla(search: Callable, *arrays):
   run must not stop the caller's search. It is reported once as a warning, and the
   platform's default becomes the XLA path for the rest of the process. Under an outer
   `jax.jit` a compile error only comes when the caller compiles, out of reach here:
-  it is raised as it is.
+  it is raised as it is. So is the device running out of memory: that depends on what
+  else the process holds, not on the kernel, and switching to the slower path for the
+  rest of the process would outlast it; the remedy (smaller batches, freed buffers) is
+  the caller's.
   """
   if any(v.is_traced(x) for x in arrays):
     return search(implementation="pallas")
@@ -434,6 +437,8 @@ def _default_kernel_or_xla(search: Callable, *arrays):
     jax.block_until_ready(out)  # a failure while running surfaces here, not later
     return out
   except Exception as err:  # noqa: BLE001 - whatever the compiler or runtime raised
+    if _is_device_out_of_memory(err):
+      raise
     platform = _platform()
     _PALLAS_FAILED.add(platform)
     message = str(err).strip().splitlines()
@@ -443,6 +448,14 @@ def _default_kernel_or_xla(search: Callable, *arrays):
         f"XLA path on {platform} from now on. Pass implementation='pallas' to see the "
         f"whole error, or implementation='xla' to skip the kernel.", stacklevel=3)
     return search(implementation="xla")
+
+
+def _is_device_out_of_memory(err: Exception) -> bool:
+  """Whether `err` is XLA failing to allocate device memory ("RESOURCE_EXHAUSTED: Out of
+  memory ..."), as opposed to a kernel asking for more on-chip memory than the chip has
+  ("RESOURCE_EXHAUSTED: Shared memory size limit exceeded"), which the XLA path avoids."""
+  message = str(err)
+  return "RESOURCE_EXHAUSTED" in message and "out of memory" in message.lower()
 
 
 def _check_pallas_k(k: int, n_keys: int, metric: str) -> None:
@@ -531,8 +544,9 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     metric: "l2" (Euclidean) or "ip" (negated inner product).
     implementation: None picks the best for the platform (the Pallas kernel on GPU/TPU
       where it supports the problem, the blocked XLA search otherwise, the reference
-      for tiny inputs; if the kernel picked this way fails to compile or run, a
-      warning says so and the XLA path is used from then on); or one of "reference",
+      for tiny inputs; if the kernel picked this way fails to compile or run, other
+      than by the device running out of memory, a warning says so and the XLA path
+      is used from then on); or one of "reference",
       "xla", "pallas", "direct" (O(QND) elementwise, exact without a certificate; the
       fallback, never the default). "reference" forms the whole (Q, N) score matrix:
       for small inputs and tests only.

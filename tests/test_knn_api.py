@@ -268,6 +268,46 @@ def test_a_failing_default_kernel_falls_back_to_xla_once(broken_default_kernel):
   assert len(broken_default_kernel) == 1
 
 
+def _kernel_that_raises(error, calls):
+  def knn_pallas(queries, keys, k, *, metric, block_sizes, centring):
+    calls.append(k)
+    raise error
+  return knn_pallas
+
+
+def test_the_device_running_out_of_memory_is_raised_and_keeps_the_kernel(
+    broken_default_kernel, monkeypatch):
+  """Out of device memory depends on what else the process holds, not on the kernel:
+  the error reaches the caller and the kernel stays the default."""
+  calls = []
+  oom = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes.")
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas", _kernel_that_raises(oom, calls))
+  queries, keys = _data(n_q=300, n=700, dim=6)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="Out of memory"):
+      resmem_jax.knn(queries, keys, 5)
+  assert calls and not api._PALLAS_FAILED
+  assert api.default_implementation(300, 700, 5, 6, jnp.float32) == "pallas"
+
+
+def test_a_kernel_over_the_chips_shared_memory_falls_back(broken_default_kernel, monkeypatch):
+  """Triton's "Shared memory size limit exceeded" is also RESOURCE_EXHAUSTED, but it is
+  the kernel's own tiles that do not fit on this chip: the XLA path takes over."""
+  calls = []
+  too_big = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Shared memory size limit exceeded: requested 4194304, "
+      "available: 101376")
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas", _kernel_that_raises(too_big, calls))
+  queries, keys = _data(n_q=300, n=700, dim=6)
+  with pytest.warns(UserWarning, match="Shared memory size limit exceeded"):
+    result = resmem_jax.knn(queries, keys, 5)
+  expected = resmem_jax.knn(queries, keys, 5, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(result.indices), np.asarray(expected.indices))
+  assert api._PALLAS_FAILED == {"tpu"}
+
+
 def test_a_kernel_asked_for_by_name_raises_its_error(broken_default_kernel):
   queries, keys = _data(n_q=300, n=700, dim=6)
   with pytest.raises(NotImplementedError, match="no Mosaic lowering"):
