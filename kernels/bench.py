@@ -369,9 +369,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.cpu_devices < 1:
     parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
-  # Fixed when the CPU backend starts, so before any array exists.
-  jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   names = config_names(parser, args, CONFIGS)
+  # Fixed when the CPU backend starts, so before any array exists (and after every
+  # argument is checked: a rejected command line leaves the process as it found it).
+  jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   result = run(names, quick=args.quick, repeats=args.repeats)
   print("\n" + format_table(result))
   with open(args.out, "w") as f:

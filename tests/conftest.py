@@ -72,6 +72,15 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 @pytest.fixture
+def tiny_segments(monkeypatch):
+  """The pruned XLA search's segment budget shrunk to nothing: a segment is then 4 k
+  chunks (rounded up to whole key tiles), so searches over a few hundred keys already
+  merge the k best of several segments."""
+  from resmem_jax.kernels import xla  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(xla, "SEGMENT_BYTES", 1)
+
+
+@pytest.fixture
 def run_module(tmp_path):
   """Runs `python -m module *args` on the CPU backend in tmp_path (a benchmark's CLI)."""
 

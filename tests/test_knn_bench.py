@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from resmem_jax.kernels import bench
+
 BENCH = "resmem_jax.kernels.bench"
 
 
@@ -31,8 +35,12 @@ def test_quick_bench_writes_exact_rows_for_both_device_layouts(tmp_path, run_mod
   assert "recall_f32" in proc.stdout
 
 
-def test_bench_rejects_bad_arguments(run_module):
-  for args in (("--cpu-devices", "0"), ("--configs", "C9"), ("--repeats", "0")):
-    proc = run_module(BENCH, *args)
-    assert proc.returncode == 2, (args, proc.stderr[-1000:])
-    assert args[0] in proc.stderr or args[1] in proc.stderr, proc.stderr[-1000:]
+@pytest.mark.parametrize("args", [("--cpu-devices", "0"), ("--configs", "C9"),
+                                  ("--repeats", "0")])
+def test_bench_rejects_bad_arguments(args, capsys):
+  """In this process: every argument is checked before the CPU device count is set."""
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(list(args))
+  assert exit_info.value.code == 2, args
+  stderr = capsys.readouterr().err
+  assert args[0] in stderr or args[1] in stderr, stderr[-1000:]

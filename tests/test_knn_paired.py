@@ -20,8 +20,12 @@ from resmem_jax.kernels import BlockSizes, api, xla
 PAIRED = BlockSizes(block_q=16, block_n=96, chunk=8, pairs=True)
 
 
+@pytest.mark.usefixtures("tiny_segments")
 class TestXlaPaired(KnnContract):
-  """The whole contract on the paired path (ip and k * chunk >= N take other paths)."""
+  """The whole contract on the paired path (ip and k * chunk >= N take other paths),
+  in short segments: searches over N >= 2 segments (N >= 384 at k + margin = 11)
+  merge the k best of several, smaller ones search all keys at once. The tests below
+  search unsegmented, at the default segment budget."""
   IMPLEMENTATION = "xla"
   BLOCK_SIZES = PAIRED
 

@@ -1,10 +1,13 @@
 """The kNN contract for the blocked XLA search, under several tilings.
 
 Small tiles make every case cross several key tiles (the last one ragged) and several
-query tiles. The variants cover short chunks (with the grouped chunk selection),
-no pruning (the running top-k over key tiles), a chunk as long as a key tile, and the
-default tiles, whose key tiles are larger than every N here, and a gather budget so
-small that the exact search steps through a query tile one query at a time.
+query tiles. The variants cover no pruning (the running top-k over key tiles), a chunk
+as long as a key tile, the default tiles, whose key tiles are larger than every N
+here, a gather budget so small that the exact search steps through a query tile one
+query at a time, and short chunks in segments so short that most searches merge
+several (the paired search in segments: tests/test_knn_paired.py). Each class
+compiles its own searches (about 60, most of its time), so a tiling earns a class
+only where it runs code the others do not.
 """
 
 import numpy as np
@@ -13,11 +16,6 @@ from knn_contract import KnnContract, check_result, scattered_copies
 
 import resmem_jax
 from resmem_jax.kernels import BlockSizes, xla
-
-
-class TestXlaPruned(KnnContract):
-  IMPLEMENTATION = "xla"
-  BLOCK_SIZES = BlockSizes(block_q=16, block_n=96, chunk=8)
 
 
 class TestXlaUnpruned(KnnContract):
@@ -45,36 +43,29 @@ class TestXlaExactSearchOneQueryPerStep(KnnContract):
     monkeypatch.setattr(xla, "GATHER_BYTES", 1)
 
 
+@pytest.mark.usefixtures("tiny_segments")
 class TestXlaSegments(KnnContract):
-  """The segment budget shrunk to nothing: every segment is 4 k chunks (rounded up to
-  whole key tiles), so most searches here run several segments through the scan, the
-  last one ragged, and merge their k best across segment boundaries."""
+  """Segments of 4 k chunks (rounded up to whole key tiles): most searches here run
+  several segments through the scan, the last one ragged, and merge their k best
+  across segment boundaries; the smallest (N < 2 segments) run the short chunks'
+  pruned search over all keys at once."""
   IMPLEMENTATION = "xla"
   BLOCK_SIZES = BlockSizes(block_q=16, block_n=32, chunk=4)  # own tiles: own traces
 
-  @pytest.fixture(autouse=True)
-  def _tiny_segments(self, monkeypatch):
-    monkeypatch.setattr(xla, "SEGMENT_BYTES", 1)
 
-
-class TestXlaPairedSegments(TestXlaSegments):
-  """As above with paired minima (l2 float32; other cases run the unpaired search)."""
-  BLOCK_SIZES = BlockSizes(block_q=16, block_n=32, chunk=4, pairs=True)
-
-
-def test_segments_merge_exact_ties_lower_index_first(monkeypatch):
+@pytest.mark.usefixtures("tiny_segments")
+def test_segments_merge_exact_ties_lower_index_first():
   """Six segments of 160 keys (the last 200, ending in a ragged key tile) rank like a
   float64 brute force, ties lower index first. Small integer coordinates make every
   score exact in float32, so the many duplicate keys (values 0..2 in 4 dimensions)
   tie exactly, within and across segments, and at the k-th place. (Paired minima
   order tied chunk minima by their position tags, which the public `knn` puts right:
-  the contract classes above.)"""
+  TestXlaPaired in tests/test_knn_paired.py.)"""
   pairs = False
   rng = np.random.default_rng(0)
   keys = rng.integers(0, 3, (1000, 4)).astype(np.float32)
   queries = rng.integers(0, 3, (40, 4)).astype(np.float32)
   blocks = BlockSizes(block_q=16, block_n=32, chunk=4, pairs=pairs)
-  monkeypatch.setattr(xla, "SEGMENT_BYTES", 1)
   assert xla.segment_length(16, 32, 4, 9, pairs) == 160  # 4 * 9 chunks of 4, in tiles
   scores, indices = xla.knn_xla(queries, keys, 9, block_sizes=blocks)
   k64 = keys.astype(np.float64)
@@ -86,9 +77,9 @@ def test_segments_merge_exact_ties_lower_index_first(monkeypatch):
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("pairs", [False, True])
-def test_copies_tie_by_index_across_segments(metric, pairs, monkeypatch):
+@pytest.mark.usefixtures("tiny_segments")
+def test_copies_tie_by_index_across_segments(metric, pairs):
   """Exact copies of keys spread over many segments come back lower index first."""
-  monkeypatch.setattr(xla, "SEGMENT_BYTES", 1)
   blocks = BlockSizes(block_q=8, block_n=16, chunk=2, pairs=pairs)  # own tiles: own traces
   for seed in range(3):
     queries, keys = scattered_copies(seed, n=600)
