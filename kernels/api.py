@@ -546,10 +546,9 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
       where it supports the problem, the blocked XLA search otherwise, the reference
       for tiny inputs; if the kernel picked this way fails to compile or run, other
       than by the device running out of memory, a warning says so and the XLA path
-      is used from then on); or one of "reference",
-      "xla", "pallas", "direct" (O(QND) elementwise, exact without a certificate; the
-      fallback, never the default). "reference" forms the whole (Q, N) score matrix:
-      for small inputs and tests only.
+      is used from then on); or one of "reference", "xla", "pallas", "direct" (O(QND)
+      elementwise, exact without a certificate; the fallback, never the default).
+      "reference" forms the whole (Q, N) score matrix: for small inputs and tests only.
     block_sizes: tiling of the blocked search; `BlockSizes.get_default(k, D)` if None.
 
   Returns:

@@ -14,6 +14,8 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
+from resmem_jax.kernels import xla
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 settings.register_profile(
@@ -76,7 +78,6 @@ def tiny_segments(monkeypatch):
   """The pruned XLA search's segment budget shrunk to nothing: a segment is then 4 k
   chunks (rounded up to whole key tiles), so searches over a few hundred keys already
   merge the k best of several segments."""
-  from resmem_jax.kernels import xla  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(xla, "SEGMENT_BYTES", 1)
 
 
