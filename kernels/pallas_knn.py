@@ -388,10 +388,11 @@ def _knn_tpu(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interp
   block_n = min(_round_up(block_sizes.block_n, LANES), _round_up(n, LANES))
   # Arrays smaller than one tile are padded (a copy of less than one tile); larger
   # ones get a ragged last tile that the kernel masks, without a padded copy.
-  queries = _pad_rows(centre_fn(centring)(queries), block_q)
+  centre = centre_fn(centring)
+  queries = _pad_rows(centre(queries), block_q)
   keys = _pad_rows(keys, block_n)
   scale, mean = _centring_rows(centring, dim)
-  x_sq = xla.squared_norms(keys, centre_fn(centring))[None, :]
+  x_sq = xla.squared_norms(keys, centre)[None, :]
   width = _round_up(k, LANES)
   grid = (pl.cdiv(queries.shape[0], block_q), pl.cdiv(keys.shape[0], block_n))
   in_specs = [
@@ -476,9 +477,10 @@ def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, int
   dim_p = max(16, pl.next_power_of_2(dim))
   width = max(2, pl.next_power_of_2(k))
   # Padding the queries to whole tiles copies fewer than block_q rows.
-  queries = _pad_rows(centre_fn(centring)(queries), _round_up(n_q, block_q))
+  centre = centre_fn(centring)
+  queries = _pad_rows(centre(queries), _round_up(n_q, block_q))
   scale, mean = _centring_rows(centring, dim)
-  x_sq = xla.squared_norms(keys, centre_fn(centring))[None, :]
+  x_sq = xla.squared_norms(keys, centre)[None, :]
   kernel = functools.partial(_triton_kernel, k=k, n=n, dim=dim, block_n=block_n,
                              metric=metric)
   out, out_idx = pl.pallas_call(

@@ -266,6 +266,20 @@ def _chunk_pairs(q: Float[Array, "bq D"], keys: Float[Array, "N D"], key_sq: Flo
                     lambda scores: _tile_pairs(scores, chunk))
 
 
+def _no_best(bq: int, k: int, n: int, dtype) -> tuple[Array, Array]:
+  """An empty running k best: +inf scores at index n (past every key)."""
+  return jnp.full((bq, k), jnp.inf, dtype), jnp.full((bq, k), n, jnp.int32)
+
+
+def _merge_best(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
+  """The k best (k = `a`'s width) of two (scores, indices) lists, `a`'s (lower
+  indices) first on ties."""
+  scores = jnp.concatenate([a[0], b[0]], axis=1)
+  indices = jnp.concatenate([a[1], b[1]], axis=1)
+  pos = _smallest(scores, a[0].shape[1])
+  return jnp.take_along_axis(scores, pos, axis=1), jnp.take_along_axis(indices, pos, axis=1)
+
+
 def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, block_n: int,
                   score: Callable, aux: Float[Array, "N"] | None = None,
                   centre: Callable = centre_fn(None)
@@ -280,16 +294,13 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
   bq = q.shape[0]
 
   def merge(carry, x, x_aux, start, valid=None):
-    best, best_idx = carry
     scores = score(q, x, x_aux)
     if valid is not None:  # the padded remainder: its padding rows are no keys
       scores = jnp.where(valid[None, :], scores, jnp.inf)
     pos = _smallest(scores, min(k, scores.shape[1]))
     # The running top-k holds lower indices, so it goes first: ties stay in key order.
-    vals = jnp.concatenate([best, jnp.take_along_axis(scores, pos, axis=1)], axis=1)
-    idx = jnp.concatenate([best_idx, start + pos.astype(jnp.int32)], axis=1)
-    pos = _smallest(vals, k)
-    return jnp.take_along_axis(vals, pos, axis=1), jnp.take_along_axis(idx, pos, axis=1)
+    return _merge_best(carry, (jnp.take_along_axis(scores, pos, axis=1),
+                               start + pos.astype(jnp.int32)))
 
   def body(carry, b):
     x, x_aux = _key_tile(keys, aux, b, block_n, centre)
@@ -297,8 +308,8 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
 
   block_n = min(block_n, n)
   n_full = n // block_n
-  carry = (jnp.full((bq, k), jnp.inf, q.dtype), jnp.full((bq, k), n, jnp.int32))
-  carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full, dtype=jnp.int32))
+  carry, _ = jax.lax.scan(body, _no_best(bq, k, n, q.dtype),
+                          jnp.arange(n_full, dtype=jnp.int32))
   if n % block_n:
     start = n_full * block_n
     x, x_aux, valid = _padded_tail(keys, aux, start, block_n, centre)
@@ -424,14 +435,6 @@ def segment_length(block_q: int, block_n: int, chunk: int, k: int, pairs: bool) 
   return -(-length // block_n) * block_n
 
 
-def _merge_best(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
-  """The k best of two (scores, indices) lists, `a`'s (lower indices) first on ties."""
-  scores = jnp.concatenate([a[0], b[0]], axis=1)
-  indices = jnp.concatenate([a[1], b[1]], axis=1)
-  pos = _smallest(scores, a[0].shape[1])
-  return jnp.take_along_axis(scores, pos, axis=1), jnp.take_along_axis(indices, pos, axis=1)
-
-
 def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
                 key_sq: Float[Array, "N"] | None, k: int, block_n: int, chunk: int,
                 pairs: bool, centre: Callable) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
@@ -455,9 +458,8 @@ def _query_tile(q: Float[Array, "bq D"], keys: Float[Array, "N D"],
   def body(best, s):
     return _merge_best(best, search(s * segment, segment)), None
 
-  bq = q.shape[0]
-  empty = (jnp.full((bq, k), jnp.inf, q.dtype), jnp.full((bq, k), n, jnp.int32))
-  best, _ = jax.lax.scan(body, empty, jnp.arange(n_segments - 1, dtype=jnp.int32))
+  best, _ = jax.lax.scan(body, _no_best(q.shape[0], k, n, q.dtype),
+                         jnp.arange(n_segments - 1, dtype=jnp.int32))
   last = (n_segments - 1) * segment
   return _merge_best(best, search(last, n - last))
 
