@@ -22,8 +22,10 @@ Placing a memory over the devices of a TPU pod slice (or GPUs, or fake CPU devic
 
 On several hosts, build the global array from each host's rows with
 `jax.make_array_from_process_local_data(NamedSharding(mesh, P("data", None)), local_rows)`
-instead of `device_put`. The row count must be a multiple of the number of shards
-(JAX refuses uneven row shardings; pad or trim the memory). A mesh with more axes works too: split the rows over any
+instead of `device_put`, and give every host the same queries (NumPy, or on any of its
+own devices: `put` places them); tests/multihost_check.py runs this on two processes.
+The row count must be a multiple of the number of shards (JAX refuses uneven row
+shardings; pad or trim the memory). A mesh with more axes works too: split the rows over any
 of its axes (`P(("data", "model"), None)`); the other axes hold replicas.
 
 With the keys on no particular device and several CPU devices in the process, `knn`
@@ -106,6 +108,18 @@ def searchable(x, *, rows_split_ok: bool = False):
   return jax.device_put(x, NamedSharding(auto, sharding.spec))
 
 
+def put(x, sharding: NamedSharding):
+  """`jax.device_put(x, sharding)`, also where `sharding` spans several processes and
+  `x` is held by this process alone, committed to one of its devices (a model's
+  output, say), which device_put refuses (it would be a transfer between hosts).
+  Every process then places its own parts of `x`: as for NumPy input, every process
+  must pass the same values (JAX's multi-process rule for replicated inputs)."""
+  if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+      and x.is_fully_addressable and not sharding.is_fully_addressable):
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.device_put(x, sharding)
+
+
 def n_shards(mesh, axes: tuple[str, ...]) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
@@ -123,8 +137,8 @@ def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, bloc
   if isinstance(keys, jax.core.Tracer):  # typed as split already: replicate the queries
     queries = jax.sharding.reshard(queries, NamedSharding(mesh, P()))
   else:
-    keys = jax.device_put(keys, NamedSharding(mesh, P(axes, None)))
-    queries = jax.device_put(queries, NamedSharding(mesh, P()))
+    keys = put(keys, NamedSharding(mesh, P(axes, None)))
+    queries = put(queries, NamedSharding(mesh, P()))
   return _knn_sharded(queries, keys, magnitude, k=k, metric=metric,
                       implementation=implementation, block_sizes=block_sizes, mesh=mesh,
                       axes=axes)
@@ -206,7 +220,7 @@ def knn_query_parallel(queries, keys, k: int, *, metric: str, implementation: st
   The result comes back to the device the queries came from.
   """
   home = (next(iter(queries.devices())) if isinstance(queries, jax.Array)
-          else jax.devices()[0])
+          else jax.local_devices()[0])
   queries = jax.device_put(queries, NamedSharding(mesh, P(QUERY_AXIS, None)))
   keys = jax.device_put(keys, NamedSharding(mesh, P()))
   out = _knn_query_parallel(queries, keys, magnitude, k=k, metric=metric,

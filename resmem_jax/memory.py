@@ -297,7 +297,7 @@ def _check_regression_residuals(res, task: str) -> None:
 def _put_rows(x, mesh: jax.sharding.Mesh, axes: tuple[str, ...]):
   """`x` with its rows split over mesh axes `axes`, trailing axes replicated."""
   spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
-  return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  return sharded.put(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 @functools.partial(jax.jit, static_argnames=("task", "temperature"))
@@ -313,7 +313,8 @@ def shard_memory(mem: Memory, mesh: jax.sharding.Mesh,
   `NamedSharding(mesh, P(axis, ...))`; `rm.knn` and `rm.predict` then search each
   shard locally and merge the candidates (kernels/sharded.py), with the same result
   as one device. On a TPU pod slice, call `jax.distributed.initialize()` on every host
-  first and use `mesh = jax.make_mesh((jax.device_count(),), ("data",))`.
+  first and use `mesh = jax.make_mesh((jax.device_count(),), ("data",))`; every host
+  passes the same memory and keeps its own rows.
 
   Args:
     mem: a `Memory`.

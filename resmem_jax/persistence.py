@@ -9,6 +9,13 @@ device, and each comes back in the dtype it was saved in.
 
 Paths are local paths (`~` expanded, made absolute) or cloud URLs such as
 `gs://bucket/memory`, handled by `etils.epath`.
+
+On several processes (a TPU pod slice, after `jax.distributed.initialize()`), every
+process calls `save_memory` and `load_memory` alike, on a path all of them reach (a
+shared file system or a bucket). A saved memory is made of global arrays, each
+process writing the rows it holds; a memory loaded with a row `sharding` over the
+global mesh comes back the same way, and one loaded without lands whole on every
+process's first local device. `tests/multihost_check.py` runs this on two processes.
 """
 
 from __future__ import annotations
@@ -92,6 +99,23 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _check_global(mem: Memory) -> None:
+  """On several processes, raises ValueError unless every array of `mem` spans them (a
+  global `jax.Array`): Orbax writes each process's shards of such an array, and
+  refuses an array one process holds alone, which would be that process's copy only."""
+  if jax.process_count() == 1:
+    return
+  for name in _ARRAYS:
+    x = getattr(mem, name)
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      raise ValueError(
+          f"on {jax.process_count()} processes, save_memory writes global arrays, and "
+          f"mem.{name} is held by this process alone; place the memory over every "
+          f"process's devices first: rm.shard_memory(mem, jax.make_mesh(("
+          f"jax.device_count(),), ('data',))) when every process holds the same rows, "
+          f"or build it from global embeddings (jax.make_array_from_process_local_data)")
+
+
 def save_memory(path: str | os.PathLike, mem: Memory, *, overwrite: bool = False) -> str:
   """Writes `mem` to the directory `path` (Orbax arrays + JSON metadata).
 
@@ -105,7 +129,8 @@ def save_memory(path: str | os.PathLike, mem: Memory, *, overwrite: bool = False
     path: a directory that does not exist yet (or holds a saved memory, with
       `overwrite=True`): a local path (`~` is expanded) or a cloud URL
       (`gs://bucket/memory`). Missing parent directories are created.
-    mem: the `Memory` to save; sharded arrays are written shard by shard.
+    mem: the `Memory` to save; sharded arrays are written shard by shard. On several
+      processes its arrays must span them all (module docstring).
     overwrite: replace a memory already saved at `path`.
 
   Returns:
@@ -113,9 +138,10 @@ def save_memory(path: str | os.PathLike, mem: Memory, *, overwrite: bool = False
 
   Raises:
     TypeError: `mem` is not a Memory.
-    ValueError: the arrays of `mem` disagree with `mem.meta` (shapes, keys dtype);
-      `path` exists and `overwrite` is False; `path` is a file, or a directory that
-      does not hold a saved memory.
+    ValueError: the arrays of `mem` disagree with `mem.meta` (shapes, keys dtype), or
+      (on several processes) one of them is held by one process alone; `path`
+      exists and `overwrite` is False; `path` is a file, or a directory that does
+      not hold a saved memory.
 
   Example:
     >>> rm.save_memory("/tmp/cifar_memory", mem)
@@ -123,6 +149,7 @@ def save_memory(path: str | os.PathLike, mem: Memory, *, overwrite: bool = False
   """
   check_memory(mem)  # also: arrays shaped as mem.meta says
   _check_keys_dtype(mem)
+  _check_global(mem)
   path = _resolve(path)
   exists = path.exists()
   if exists and not overwrite:
@@ -216,7 +243,8 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
     path: the directory given to `save_memory` (a local path or a cloud URL).
     sharding: optional `NamedSharding` whose spec splits rows, e.g.
       `NamedSharding(mesh, P("data"))`; every array is restored with its rows split
-      that way (trailing axes replicated). None restores onto the default device.
+      that way (trailing axes replicated). None restores onto the default device
+      (on several processes: each process's first local device, a whole copy each).
     task, dim, n_outputs, fingerprint: optional expectations; a saved memory that
       differs raises ValueError before any array is read.
 
@@ -327,7 +355,7 @@ def _parse_meta(raw: dict, shown: str) -> MemoryMeta:
 
 def _row_sharding(sharding, ndim: int, n: int):
   if sharding is None:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if not isinstance(sharding, NamedSharding) or not sharding.spec or sharding.spec[0] is None:
     raise ValueError(f"sharding must be a NamedSharding whose spec splits rows, e.g. "
                      f"NamedSharding(mesh, P('data')), got sharding={sharding!r}")

@@ -124,9 +124,16 @@ def main():
   mem = rm.build_memory(keys, labels, logits, task="classification", temperature=1.5)
   placed = rm.shard_memory(mem, mesh)
   assert placed.residuals.sharding.spec[0] == "data"
-  for kwargs in (dict(k=9, sigma=0.5), dict(k=9, sigma=0.5, exclude=np.arange(37))):
-    np.testing.assert_allclose(rm.predict(placed, queries, q_logits, **kwargs),
-                               rm.predict(mem, queries, q_logits, **kwargs), rtol=0, atol=1e-6)
+  for exclude in (None, np.arange(37)):
+    want = rm.predict(mem, queries, q_logits, k=9, sigma=0.5, exclude=exclude)
+    np.testing.assert_allclose(
+        rm.predict(placed, queries, q_logits, k=9, sigma=0.5, exclude=exclude), want,
+        rtol=0, atol=1e-6)
+    # Inputs committed to one device (a model's output, say) meet the memory's mesh too.
+    np.testing.assert_allclose(
+        rm.predict(placed, on_device_0(queries), on_device_0(q_logits), k=9, sigma=0.5,
+                   exclude=None if exclude is None else on_device_0(exclude)), want,
+        rtol=0, atol=1e-6)
   # Under an outer jit, as an argument: `jax.make_mesh` gives Explicit axes, whose split
   # the tracers' types carry (the sharded search then runs as eagerly); under Auto axes
   # the types carry none and XLA partitions the plain search.
