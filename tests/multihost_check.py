@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import resmem_jax as rm  # noqa: E402
+from resmem_jax.kernels import api  # noqa: E402
 
 
 def same(a, b, what):
@@ -77,6 +78,29 @@ def main():
       same(res.distances, want.distances, f"{what} distances")
   same(rm.knn(queries[5:6], from_rows, 4).indices, [[3, 150, 330, 460]],
        "ties across processes keep the lower global index first")
+  # Inner products that tie within rounding (strong keys and their one-ulp neighbours):
+  # the certificate cannot separate them, and the direct re-search of those rows runs
+  # over the global mesh too.
+  near = keys.copy()
+  strong = rng.choice(n, 8, replace=False)
+  for b in strong:
+    for j in rng.choice(n, 6, replace=False):
+      near[j] = np.nextafter(4 * keys[b], np.inf if j % 2 else -np.inf)
+  near[strong] = 4 * keys[strong]
+  redone = []
+  redo = api._redo_uncertified  # pylint: disable=protected-access
+
+  def counting(queries, keys, k, metric, distances, indices, certified, *rest):
+    redone.append(int(np.sum(~np.asarray(certified))))
+    return redo(queries, keys, k, metric, distances, indices, certified, *rest)
+
+  api._redo_uncertified = counting  # pylint: disable=protected-access
+  res = rm.knn(queries, jax.device_put(near, rows), 5, metric="ip")
+  api._redo_uncertified = redo  # pylint: disable=protected-access
+  assert sum(redone) > 0, redone
+  want = rm.knn(local(queries), local(near), 5, metric="ip")
+  same(res.indices, want.indices, "ip near-ties indices")
+  same(res.distances, want.distances, "ip near-ties distances")
   jit_knn = jax.jit(lambda q, x: rm.knn(q, x, 9).indices)
   same(jit_knn(queries, from_rows), rm.knn(local(queries), local(keys), 9).indices,
        "knn under jit")
