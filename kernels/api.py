@@ -533,7 +533,9 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   no particular device is split over them, keys copied to each (at most 1 GiB of
   copies; see `sharded.query_mesh`), with the same bits as one device; the result
   comes back to the queries' device. Commit the inputs to one device
-  (`jax.device_put(x, device)`) to keep the search there.
+  (`jax.device_put(x, device)`) to keep the search there. Keys committed to a device
+  (or a mesh) draw queries committed elsewhere to them: the search runs where the
+  keys are, and so does its result.
 
   Args:
     queries: (Q, D) floating array. float64 input is searched in float32 unless
@@ -606,6 +608,7 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     return KnnResult(jnp.zeros((0, k), dtype), jnp.zeros((0, k), jnp.int32))
   queries = sharded.searchable(queries)
   keys = sharded.searchable(keys, rows_split_ok=True)
+  queries = sharded.to_keys(queries, keys)
   padded = query_bucket(n_q)
   mesh = sharded.query_mesh(queries, keys)  # None for row-sharded (committed) keys
   if mesh is not None:  # an equal share of the queries for every CPU device

@@ -114,10 +114,50 @@ def put(x, sharding: NamedSharding):
   output, say), which device_put refuses (it would be a transfer between hosts).
   Every process then places its own parts of `x`: as for NumPy input, every process
   must pass the same values (JAX's multi-process rule for replicated inputs)."""
-  if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-      and x.is_fully_addressable and not sharding.is_fully_addressable):
+  if _concrete(x) and x.is_fully_addressable and not sharding.is_fully_addressable:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.device_put(x, sharding)
+
+
+def _concrete(x) -> bool:
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def committed(x) -> bool:
+  """`x` is a concrete array committed to its devices (`jax.device_put`, or computed
+  from such arrays)."""
+  return _concrete(x) and x.committed
+
+
+def rows_like(x) -> jax.sharding.Sharding | None:
+  """A sharding for arrays of `x`'s row count that splits their rows as `x`'s are
+  (trailing axes whole): `x`'s device, or its mesh with only its rows' split. None
+  for NumPy or traced `x`, or a sharding of another kind."""
+  if not _concrete(x):
+    return None
+  sharding = x.sharding
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, P(*sharding.spec[:1]))
+  if len(x.devices()) == 1:
+    return jax.sharding.make_single_device_sharding(next(iter(x.devices())))
+  return None
+
+
+def to_keys(queries, keys):
+  """`queries`, moved to the keys' devices when both are committed to different ones.
+
+  JAX refuses one computation on arrays committed to different devices; the search
+  runs where the keys are (the memory, usually far larger than a batch of queries),
+  so the queries go there: to the keys' device, or replicated over their mesh.
+  Row-split keys are left to `knn_sharded`, which places the queries itself.
+  """
+  if (not (committed(queries) and committed(keys)) or queries.devices() == keys.devices()
+      or row_axes(keys) is not None):
+    return queries
+  if isinstance(keys.sharding, NamedSharding):
+    return put(queries, NamedSharding(keys.sharding.mesh, P()))
+  where = rows_like(keys)
+  return queries if where is None else put(queries, where)
 
 
 def n_shards(mesh, axes: tuple[str, ...]) -> int:
@@ -201,8 +241,7 @@ def query_mesh(queries, keys) -> Mesh | None:
   keep the copies of the keys within `MAX_EXTRA_KEY_BYTES`; fewer than two: None.
   """
   if jax.default_backend() != "cpu" or any(
-      isinstance(x, jax.core.Tracer) or getattr(x, "committed", False)
-      for x in (queries, keys)):
+      isinstance(x, jax.core.Tracer) or committed(x) for x in (queries, keys)):
     return None
   devices = jax.local_devices(backend="cpu")
   key_bytes = max(1, math.prod(keys.shape) * np.dtype(keys.dtype).itemsize)

@@ -206,10 +206,13 @@ def build_memory(embeddings: Float[Array, "N D"],
     classification:  r_i = onehot(y_i) - softmax(z(x_i) / T)
     regression:      r_i = y_i - f(x_i)
 
-  Embeddings given as a `jax.Array` whose `NamedSharding` splits rows give a memory
-  split the same way: targets, outputs and residuals are put on the embeddings' mesh
-  with the same row axes (wherever the labels and logits were, NumPy included). Any
-  other placement is kept as it is; place a memory later with `rm.shard_memory`.
+  The memory lives where the embeddings are. Embeddings given as a `jax.Array` whose
+  `NamedSharding` splits rows give a memory split the same way: targets, outputs and
+  residuals are put on the embeddings' mesh with the same row axes (wherever the
+  labels and logits were, NumPy included); embeddings committed to one device, or
+  replicated over a mesh, put them there. Uncommitted embeddings (NumPy, or an array
+  on the default device) leave them where JAX puts them; place a memory later with
+  `rm.shard_memory`.
 
   Args:
     embeddings: (N, D) floating, the base model's penultimate features of the
@@ -273,15 +276,19 @@ def build_memory(embeddings: Float[Array, "N D"],
   meta = MemoryMeta(task=task, temperature=temperature, dim=int(dim),
                     n_outputs=int(outputs.shape[1]), output_shape=output_shape,
                     dtype=str(keys.dtype), fingerprint=fingerprint)
+  # Labels and logits often come as NumPy; left alone they (and so the residuals)
+  # would sit whole on the default device, away from keys placed elsewhere.
   placement = sharded.placement(keys)  # (mesh, row axes) of row-split keys, else None
-  if placement is not None:
-    # Labels and logits often come as NumPy; left alone they (and so the residuals)
-    # would sit whole on one device next to row-split keys.
-    targets, outputs = (_put_rows(x, *placement) for x in (targets, outputs))
+  if placement is not None:  # also under jit, where the keys' type carries the split
+    where = jax.sharding.NamedSharding(placement[0], jax.sharding.PartitionSpec(placement[1]))
+  else:
+    where = sharded.rows_like(keys) if sharded.committed(keys) else None
+  if where is not None:
+    targets, outputs = (sharded.put(x, where) for x in (targets, outputs))
   res = _residuals_jit(targets, outputs, task=task, temperature=temperature)
   _check_regression_residuals(res, task)
-  if placement is not None:
-    res = _put_rows(res, *placement)
+  if where is not None:
+    res = sharded.put(res, where)
   return Memory(keys=keys, residuals=res, outputs=outputs, targets=targets, meta=meta)
 
 

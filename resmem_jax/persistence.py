@@ -355,7 +355,7 @@ def _parse_meta(raw: dict, shown: str) -> MemoryMeta:
 
 def _row_sharding(sharding, ndim: int, n: int):
   if sharding is None:
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.sharding.make_single_device_sharding(jax.local_devices()[0])
   if not isinstance(sharding, NamedSharding) or not sharding.spec or sharding.spec[0] is None:
     raise ValueError(f"sharding must be a NamedSharding whose spec splits rows, e.g. "
                      f"NamedSharding(mesh, P('data')), got sharding={sharding!r}")

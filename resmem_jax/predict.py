@@ -17,7 +17,6 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from resmem_jax import _validation as v
@@ -180,30 +179,28 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
   """Exact neighbours of the queries, chunk by chunk, with `exclude` applied.
 
   Yields (n_valid, KnnResult, padded extras) per chunk; every array has the chunk's
-  bucketed row count so that what follows compiles once per bucket. For a row-sharded
-  memory the extras are replicated over its mesh, beside the search's result (an
-  array committed to one device could not meet them in one computation). Inputs must
-  be checked already.
+  bucketed row count so that what follows compiles once per bucket, and lies where
+  the search's result does, rows split alike (JAX refuses one computation on arrays
+  committed to different devices or meshes). Inputs must be checked already.
   """
   n_q = embeddings.shape[0]
   search_k = k + (exclude is not None)
-  placement = None if v.is_traced(mem.keys) else sharded.placement(mem.keys)
-  replicated = None if placement is None else NamedSharding(placement[0], P())
 
-  def chunk_of(x, start, stop, rows):
+  def chunk_of(x, start, stop, rows, where):
     x = pad_rows(x[start:stop], rows)
-    return x if replicated is None or v.is_traced(x) else sharded.put(x, replicated)
+    return x if where is None or v.is_traced(x) else sharded.put(x, where)
 
   for start in range(0, n_q, query_chunk):
     stop = min(start + query_chunk, n_q)
     rows = query_bucket(stop - start)
     queries = pad_rows(embeddings[start:stop], rows)
     res = knn(queries, mem.keys, search_k, implementation=implementation)
+    where = sharded.rows_like(res.indices)
     if exclude is not None:
-      res = _drop_excluded_jit(res.distances, res.indices,
-                               jnp.asarray(chunk_of(exclude, start, stop, rows), jnp.int32),
-                               n=mem.size)
-    yield stop - start, res, tuple(chunk_of(x, start, stop, rows) for x in extra)
+      res = _drop_excluded_jit(
+          res.distances, res.indices,
+          jnp.asarray(chunk_of(exclude, start, stop, rows, where), jnp.int32), n=mem.size)
+    yield stop - start, res, tuple(chunk_of(x, start, stop, rows, where) for x in extra)
 
 
 _drop_excluded_jit = jax.jit(drop_excluded, static_argnames="n")

@@ -48,6 +48,43 @@ def check_knn(mesh, spec, keys, queries, k, metric, implementation, what):
   same(split.distances, single.distances, f"{what} query-parallel distances")
 
 
+def check_placement(keys, queries, labels, logits, q_logits):
+  """Inputs committed to different devices meet where the keys are: JAX alone refuses
+  one computation on them. Same answers as one device."""
+  dev = jax.devices()
+  want = rm.knn(on_device_0(queries), on_device_0(keys), 5)
+  res = rm.knn(jax.device_put(queries, dev[1]), jax.device_put(keys, dev[2]), 5)
+  assert res.indices.devices() == {dev[2]}, res.indices.devices()
+  same(res.indices, want.indices, "queries on device 1, keys on device 2: indices")
+  same(res.distances, want.distances, "queries on device 1, keys on device 2: distances")
+  # Queries split over a mesh (a data-parallel model's output), keys on one device.
+  mesh = jax.make_mesh((8,), ("batch",))
+  split = lambda x: jax.device_put(x, NamedSharding(mesh, P("batch")))
+  same(rm.knn(split(queries[:32]), jax.device_put(keys, dev[2]), 5).indices,
+       want.indices[:32], "queries split over a mesh, keys on device 2")
+
+  mem = rm.build_memory(on_device_0(keys), labels, logits, temperature=1.5)
+  moved = rm.build_memory(jax.device_put(keys, dev[2]), labels, logits, temperature=1.5)
+  for name in ("keys", "residuals", "outputs", "targets"):
+    assert getattr(moved, name).devices() == {dev[2]}, (name, getattr(moved, name).devices())
+  exclude = np.arange(len(queries))
+  want = rm.predict(mem, queries, q_logits, k=9, sigma=0.5, exclude=exclude)
+  got = rm.predict(moved, jax.device_put(queries, dev[1]), jax.device_put(q_logits, dev[3]),
+                   k=9, sigma=0.5, exclude=jax.device_put(exclude, dev[4]))
+  assert got.devices() == {dev[2]}, got.devices()
+  same(got, want, "predict, memory on device 2, inputs on devices 1, 3 and 4")
+  got = rm.sweep(moved, jax.device_put(queries, dev[1]), jax.device_put(q_logits, dev[3]),
+                 labels[:len(queries)], ks=(1, 4), sigmas=(0.5,))
+  assert got.table == rm.sweep(mem, queries, q_logits, labels[:len(queries)], ks=(1, 4),
+                               sigmas=(0.5,)).table
+  # Queries and logits split over an Explicit mesh, the memory on the default device:
+  # the search runs on the queries' split (XLA partitions it), and so does the rest.
+  plain = rm.build_memory(keys, labels, logits, temperature=1.5)
+  np.testing.assert_allclose(
+      rm.predict(plain, split(queries[:32]), split(q_logits[:32]), k=9, sigma=0.5),
+      rm.predict(mem, queries[:32], q_logits[:32], k=9, sigma=0.5), rtol=0, atol=1e-6)
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   # Small enough inputs to split over 8 devices here; the production threshold
@@ -116,6 +153,10 @@ def main():
   # The sharded result is replicated over the mesh.
   res = rm.knn(queries, jax.device_put(keys, NamedSharding(mesh, P("data", None))), 3)
   assert res.indices.sharding.is_fully_replicated, res.indices.sharding
+
+  check_placement(keys, queries, rng.integers(0, 5, 512),
+                  rng.normal(size=(512, 5)).astype(np.float32),
+                  rng.normal(size=(37, 5)).astype(np.float32))
 
   # A row-sharded memory predicts (and leaves one out) exactly like one device.
   labels = rng.integers(0, 5, 512)
