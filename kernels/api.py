@@ -498,10 +498,17 @@ def _redo_uncertified(queries, keys, k, metric, distances, indices, certified, m
 def _poison_non_finite(queries, keys, distances, indices):
   """Under jit, where values cannot be checked: NaN distances and index -1 for a query
   row holding a NaN or inf, and for every row when a key does (an inf would otherwise
-  pass as a finite, wrong answer)."""
+  pass as a finite, wrong answer).
+
+  The barrier keeps XLA from fusing the selects into what the caller computes next.
+  Fused into `rm.predict`'s weights under jit, XLA:CPU of jax 0.12.1 computed them
+  from the unpoisoned distances in 3-5 runs of 10 (an inf query got finite weights;
+  the HLO and the machine code were the same in passing and failing runs); with the
+  barrier, 0 of 30. jax 0.10.2 never did.
+  """
   ok = jnp.all(jnp.isfinite(queries), axis=1) & jnp.all(jnp.isfinite(keys))
-  return (jnp.where(ok[:, None], distances, jnp.nan),
-          jnp.where(ok[:, None], indices, -1))
+  return jax.lax.optimization_barrier((jnp.where(ok[:, None], distances, jnp.nan),
+                                       jnp.where(ok[:, None], indices, -1)))
 
 
 def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
