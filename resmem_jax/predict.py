@@ -195,7 +195,8 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
     rows = query_bucket(stop - start)
     queries = pad_rows(embeddings[start:stop], rows)
     res = knn(queries, mem.keys, search_k, implementation=implementation)
-    where = sharded.rows_like(res.indices)
+    # Committed (placed by the caller): per-query inputs join it; else JAX places them.
+    where = sharded.rows_like(res.indices) if sharded.committed(res.indices) else None
     if exclude is not None:
       res = _drop_excluded_jit(
           res.distances, res.indices,
