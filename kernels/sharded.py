@@ -108,6 +108,16 @@ def searchable(x, *, rows_split_ok: bool = False):
   return jax.device_put(x, NamedSharding(auto, sharding.spec))
 
 
+def _concrete(x) -> bool:
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def committed(x) -> bool:
+  """`x` is a concrete array committed to its devices (`jax.device_put`, or computed
+  from such arrays)."""
+  return _concrete(x) and x.committed
+
+
 def put(x, sharding: NamedSharding):
   """`jax.device_put(x, sharding)`, also where `sharding` spans several processes and
   `x` is held by this process alone, committed to one of its devices (a model's
@@ -119,26 +129,15 @@ def put(x, sharding: NamedSharding):
   return jax.device_put(x, sharding)
 
 
-def _concrete(x) -> bool:
-  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-
-
-def committed(x) -> bool:
-  """`x` is a concrete array committed to its devices (`jax.device_put`, or computed
-  from such arrays)."""
-  return _concrete(x) and x.committed
-
-
 def rows_like(x) -> jax.sharding.Sharding | None:
   """A sharding for arrays of `x`'s row count that splits their rows as `x`'s are
-  (trailing axes whole): `x`'s device, or its mesh with only its rows' split. None
-  for NumPy or traced `x`, or a sharding of another kind."""
-  if not _concrete(x):
-    return None
-  sharding = x.sharding
+  (trailing axes whole): `x`'s mesh with only its rows' split (under jit, the mesh
+  its type carries), or its device. None for NumPy `x`, or a sharding of another
+  kind."""
+  sharding = _sharding(x)
   if isinstance(sharding, NamedSharding):
     return NamedSharding(sharding.mesh, P(*sharding.spec[:1]))
-  if len(x.devices()) == 1:
+  if _concrete(x) and len(x.devices()) == 1:
     return jax.sharding.make_single_device_sharding(next(iter(x.devices())))
   return None
 
@@ -148,14 +147,13 @@ def to_keys(queries, keys):
 
   JAX refuses one computation on arrays committed to different devices; the search
   runs where the keys are (the memory, usually far larger than a batch of queries),
-  so the queries go there: to the keys' device, or replicated over their mesh.
-  Row-split keys are left to `knn_sharded`, which places the queries itself.
+  so the queries go there: to the keys' device, or replicated over their mesh (keys
+  whose rows are not split). Row-split keys are left to `knn_sharded`, which places
+  the queries itself.
   """
   if (not (committed(queries) and committed(keys)) or queries.devices() == keys.devices()
       or row_axes(keys) is not None):
     return queries
-  if isinstance(keys.sharding, NamedSharding):
-    return put(queries, NamedSharding(keys.sharding.mesh, P()))
   where = rows_like(keys)
   return queries if where is None else put(queries, where)
 

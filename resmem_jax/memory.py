@@ -278,11 +278,10 @@ def build_memory(embeddings: Float[Array, "N D"],
                     dtype=str(keys.dtype), fingerprint=fingerprint)
   # Labels and logits often come as NumPy; left alone they (and so the residuals)
   # would sit whole on the default device, away from keys placed elsewhere.
-  placement = sharded.placement(keys)  # (mesh, row axes) of row-split keys, else None
-  if placement is not None:  # also under jit, where the keys' type carries the split
-    where = jax.sharding.NamedSharding(placement[0], jax.sharding.PartitionSpec(placement[1]))
-  else:
-    where = sharded.rows_like(keys) if sharded.committed(keys) else None
+  # Row-split keys (also under jit, where their type carries the split) or keys
+  # committed to their devices: the rest of the memory joins them.
+  placed = sharded.row_axes(keys) is not None or sharded.committed(keys)
+  where = sharded.rows_like(keys) if placed else None
   if where is not None:
     targets, outputs = (sharded.put(x, where) for x in (targets, outputs))
   res = _residuals_jit(targets, outputs, task=task, temperature=temperature)
