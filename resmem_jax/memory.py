@@ -549,7 +549,8 @@ def check_labels(name: str, labels, n_classes: int) -> None:
   they copied here to name the first bad one."""
   if v.is_traced(labels) or labels.size == 0:
     return
-  low, high = (int(x) for x in jax.device_get(_label_range(labels)))
+  with jax.ensure_compile_time_eval():  # concrete labels closed over by an outer jit
+    low, high = (int(x) for x in jax.device_get(_label_range(labels)))
   if 0 <= low and high < n_classes:
     return
   first = ""

@@ -177,6 +177,19 @@ def test_memory_is_a_pytree_with_static_meta():
   assert mapped.meta == mem.meta and mapped.keys.shape == (5, 6)
 
 
+def test_labels_closed_over_by_an_outer_jit_are_still_checked():
+  """Concrete labels under jit are checked on the spot, as concrete embeddings are."""
+  x, y, z = _data()
+  want = rm.build_memory(x, y, z, task="classification", temperature=1.0)
+  got = jax.jit(lambda e: rm.build_memory(e, y, z, task="classification",
+                                          temperature=1.0))(x)
+  np.testing.assert_allclose(got.residuals, want.residuals, rtol=0, atol=1e-6)
+  bad = y.copy()
+  bad[3] = z.shape[1]
+  with pytest.raises(ValueError, match=r"targets must be labels in \[0, C=4\)"):
+    jax.jit(lambda e: rm.build_memory(e, bad, z, task="classification"))(x)
+
+
 def test_model_fingerprint_tracks_values_and_structure():
   params = {"dense": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
   fp = rm.model_fingerprint(params)
