@@ -36,7 +36,7 @@ import numpy as np
 
 from resmem_jax import _validation as v
 from resmem_jax.kernels import sharded
-from resmem_jax.memory import (Memory, build_memory, check_labels, check_memory,
+from resmem_jax.memory import (SCALE_RANGE, Memory, build_memory, check_labels, check_memory,
                                check_queries, check_temperature, tempered_softmax)
 from resmem_jax.predict import (DEFAULT_QUERY_CHUNK, bandwidth, check_k_exclude, check_sigma,
                                 search_chunks, shift_to_nearest)
@@ -54,6 +54,9 @@ KNOBS = ("k", "sigma", "temperature", "lam")
 # Bound on the floats of the per-batch intermediates of the scoring loop (the gathered
 # (batch, k_max, 1 + T, C) rows and the (batch, S, n_k, T, L, C) kNN-LM scores).
 GRID_BUDGET = 1 << 22
+# The power-of-4 exponent of a zero sum of squared errors (or of a padding row): below
+# any float32 error's, so it never sets a block's common exponent.
+NO_EXPONENT = -1000
 
 
 class SweepResult(NamedTuple):
@@ -164,7 +167,7 @@ def _classification_scores(dist, idx, zq, yq, mem_logits, mem_labels, sigmas, la
   Shapes: knn (S, n_k), resmem (S, n_k, T), knn_lm (S, n_k, T, L), deepnet (T,).
   """
   n_classes = zq.shape[-1]
-  temps = jnp.asarray(temperatures, jnp.float32)
+  temps = jnp.asarray(np.clip(temperatures, *SCALE_RANGE), jnp.float32)  # 1e300: no inf
   weights = _prefix_weights(dist, sigmas, ks)  # (S, n_k, K)
   onehot = jax.nn.one_hot(mem_labels[idx], n_classes, dtype=jnp.float32)  # (K, C)
   neigh = tempered_softmax(mem_logits[idx][None], temps[:, None, None])  # (T, K, C)
@@ -183,11 +186,21 @@ def _classification_scores(dist, idx, zq, yq, mem_logits, mem_labels, sigmas, la
           "deepnet": _correct_and_log_loss(base, yq)}
 
 
-def _regression_scores(dist, idx, fq, yq, mem_residuals, mem_targets, sigmas, lams, *, ks,
-                       scale):
-  """One query's squared errors (mean over outputs) for every method and setting, in
-  units of `scale`^2 (errors are divided by the power of two `scale` before squaring,
-  so neither overflows float32 nor underflows).
+def _scaled_square_mean(err):
+  """mean(err^2) over the last axis as (m, e), the value m * 4^e: e is the exponent of
+  the largest |err| (so m lies in [1/(4 M), 1)), and neither the squares nor their sums
+  over- or underflow float32, whatever the errors' magnitude. An all-zero row is
+  (0, NO_EXPONENT)."""
+  top = jnp.max(jnp.abs(err), axis=-1)
+  _, e = jnp.frexp(top)
+  e = jnp.where(top > 0, e, NO_EXPONENT)
+  return jnp.mean(jnp.square(jnp.ldexp(err, -e[..., None])), axis=-1), e
+
+
+def _regression_scores(dist, idx, fq, yq, mem_residuals, mem_targets, sigmas, lams, *, ks):
+  """One query's squared errors (mean over outputs) for every method and setting, each
+  as a mantissa and a power of 4 (`_scaled_square_mean`): an error of 1e-30 next to a
+  target of 1e30 elsewhere is still measured.
 
   ResMem averages the stored residuals, as `predict` does: f(x) + sum_j w_j r_j. (The
   same value as f(x) + sum_j w_j y_j - sum_j w_j f(x_j), but that form rounds both
@@ -205,50 +218,64 @@ def _regression_scores(dist, idx, fq, yq, mem_residuals, mem_targets, sigmas, la
   lam = lams.reshape(1, 1, -1, 1)
   knn_lm = lam * knn_pred[:, :, None] + (1.0 - lam) * fq[None, None, None]  # (S, n_k, L, M)
 
-  def sq_err(pred):
-    err = (pred - yq.reshape((1,) * (pred.ndim - 1) + (-1,))) / scale
-    return jnp.mean(jnp.square(err), axis=-1)
+  def sq_err(pred, new_axis=()):
+    err = pred - yq.reshape((1,) * (pred.ndim - 1) + (-1,))
+    return tuple(jnp.expand_dims(x, new_axis) for x in _scaled_square_mean(err))
 
-  return {"knn": sq_err(knn_pred), "resmem": sq_err(resmem)[:, :, None],
-          "knn_lm": sq_err(knn_lm)[:, :, None], "deepnet": sq_err(fq)[None]}
+  return {"knn": sq_err(knn_pred), "resmem": sq_err(resmem, 2),
+          "knn_lm": sq_err(knn_lm, 2), "deepnet": sq_err(fq[None])}
 
 
 @functools.partial(jax.jit, static_argnames=("task", "ks", "temperatures", "batch",
                                              "placement"))
 def _grid_sums(dist, idx, q_outputs, q_targets, valid, mem_values, mem_targets, sigmas,
-               lams, scale, *, task, ks, temperatures, batch, placement):
-  """Sums over the valid queries of one chunk of every per-query metric.
+               lams, *, task, ks, temperatures, batch, placement):
+  """Sums over the valid queries of one chunk of every per-query metric, per block of
+  queries (regression: each block's sum as (m, e), the value m * 4^e).
 
   `mem_values` are the memory's logits (classification: the residuals at each T come
-  from them) or its residuals (regression); `scale` is the unit of regression errors.
+  from them) or its residuals (regression).
   """
   if task == "classification":
     fn = functools.partial(_classification_scores, ks=ks, temperatures=temperatures)
   else:
-    fn = functools.partial(_regression_scores, ks=ks, scale=scale)
+    fn = functools.partial(_regression_scores, ks=ks)
   if placement is None:
-    per_query = jax.lax.map(
-        lambda a: fn(*a, mem_values, mem_targets, sigmas, lams),
-        (dist, idx, q_outputs, q_targets), batch_size=batch)
+    one = lambda a: fn(*a, mem_values, mem_targets, sigmas, lams)  # noqa: E731
   else:
-    # Row-sharded memory: fetch the chunk's neighbour rows from their owners once,
-    # then score against them as if they were a memory of k_max rows per query.
-    neigh_out = sharded.gather_rows(mem_values, idx, placement=placement)
-    neigh_tgt = sharded.gather_rows(mem_targets, idx, placement=placement)
-    local_idx = jnp.broadcast_to(jnp.arange(idx.shape[1], dtype=idx.dtype), idx.shape)
-    per_query = jax.lax.map(
-        lambda a: fn(*a[:4], a[4], a[5], sigmas, lams),
-        (dist, local_idx, q_outputs, q_targets, neigh_out, neigh_tgt), batch_size=batch)
+    # Row-sharded memory: a query's k_max neighbour rows come from their owners (one
+    # psum per batch of queries, so the budget bounds them too), then it is scored
+    # against them as if they were a memory of k_max rows.
+    local_idx = jnp.arange(idx.shape[1], dtype=idx.dtype)
+
+    def one(a):
+      d, i, o, t = a
+      rows = [sharded.gather_rows(m, i, placement=placement) for m in (mem_values, mem_targets)]
+      return fn(d, local_idx, o, t, *rows, sigmas, lams)
+  per_query = jax.lax.map(one, (dist, idx, q_outputs, q_targets), batch_size=batch)
   # float32 sums over blocks of at most 256 queries; the host adds the blocks in
   # float64 (one float32 sum over a 32768-query chunk drifted by ~1e-4 relative).
   n_rows = valid.shape[0]
   block = math.gcd(n_rows, SUM_BLOCK)
 
-  def block_sums(x):  # a select, not a product: 0 * inf of a padding row would be NaN
-    x = jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
-    return x.reshape((n_rows // block, block) + x.shape[1:]).sum(axis=1)
+  def blocks(x):
+    return x.reshape((n_rows // block, block) + x.shape[1:])
 
-  return jax.tree.map(block_sums, per_query)
+  def mask(x, fill):  # a select, not a product: 0 * inf of a padding row would be NaN
+    return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, fill)
+
+  def block_sums(x):
+    return blocks(mask(x, 0.0)).sum(axis=1)
+
+  def scaled_block_sums(m, e):  # terms brought to the block's largest power of 4
+    e = blocks(mask(e, NO_EXPONENT))
+    top = jnp.max(e, axis=1)
+    shift = jnp.maximum(2 * (e - top[:, None]), -300)  # 2^-300: 0 in float32
+    return jnp.ldexp(blocks(mask(m, 0.0)), shift).sum(axis=1), top
+
+  if task == "classification":
+    return jax.tree.map(block_sums, per_query)
+  return {name: scaled_block_sums(*me) for name, me in per_query.items()}
 
 
 def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
@@ -345,42 +372,30 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
   outputs = base_outputs.reshape(n_q, n_out)
   targets = targets if meta.task == "classification" else targets.reshape(n_q, n_out)
   valid = np.ones(n_q, bool)
-  sigma_arr = jnp.asarray(sigmas, jnp.float32)
+  sigma_arr = jnp.asarray(np.clip(sigmas, *SCALE_RANGE), jnp.float32)  # as `bandwidth`
   lam_arr = jnp.asarray(lams, jnp.float32)
   regression = meta.task == "regression"
-  scale = _error_scale(mem, outputs, targets) if regression else 1.0
   totals = None
   for _, res, (q_out, q_y, q_valid) in search_chunks(
       mem, embeddings, k_max, exclude, implementation=implementation,
       query_chunk=query_chunk, extra=(outputs, targets, valid)):
     sums = _grid_sums(res.distances, res.indices, q_out, q_y, q_valid,
                       mem.residuals if regression else mem.outputs, mem.targets, sigma_arr,
-                      lam_arr, jnp.float32(scale), task=meta.task, ks=ks,
+                      lam_arr, task=meta.task, ks=ks,
                       temperatures=None if regression else temperatures,
                       batch=batch, placement=sharded.placement(mem.outputs))
+    if regression:  # m * 4^e per block, in float64 (2^-2000 to 2^256 are all in range)
+      sums = {name: np.ldexp(np.asarray(m, np.float64), 2 * np.asarray(e, np.int64))
+              for name, (m, e) in sums.items()}
     sums = jax.tree.map(lambda x: np.asarray(x, np.float64).sum(axis=0), sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  means = jax.tree.map(lambda x: x * (scale * scale) / n_q, totals)  # float64
+  means = jax.tree.map(lambda x: x / n_q, totals)  # float64
   table = _table(means, meta.task, ks=ks, sigmas=sigmas, temperatures=temperatures,
                  lams=lams)
   best = {m: min((r for r in table if r["method"] == m), key=_rank_key) for m in METHODS}
   return SweepResult(table=tuple(table), best=best,
                      metric="accuracy" if meta.task == "classification" else "mse",
                      n_queries=n_q)
-
-
-def _error_scale(mem: Memory, outputs, targets) -> float:
-  """A power of two at least the largest |value| a regression error is made of (the
-  memory's targets and residuals, the held-out outputs and targets), so that errors
-  divided by it are O(1): their squares and 256-query sums stay in float32's range
-  (errors beyond 1.8e19 would square to inf) and small errors do not underflow."""
-  top = max(v.finite_magnitude(name, x) for name, x in (
-      ("mem.targets", mem.targets), ("mem.residuals", mem.residuals),
-      ("base_outputs", outputs), ("targets", targets)))
-  if not top > 0:
-    return 1.0
-  # 2^e > top; e kept in float32's normal exponents (2^128 would be inf in float32).
-  return math.ldexp(1.0, min(max(math.frexp(top)[1], -126), 127))
 
 
 def _check_query_targets(mem: Memory, targets, base_outputs):

@@ -291,6 +291,43 @@ def test_regression_errors_beyond_float32_squares_are_summed():
   assert res.best["deepnet"]["mse"] == 0.0
 
 
+def test_regression_errors_are_measured_whatever_the_largest_value_elsewhere():
+  """One memory target of 1e22, far from every query, set a common unit for all errors:
+  errors near 1 divided by it squared to 0, every MSE read 0 and the tie rule chose
+  k = 1. Within one block, queries with errors near 1e-15 beside one near 1e15 (and an
+  exact one) are summed at the block's largest power of 4: nothing is lost but the
+  relative rounding of a float32 sum."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(50, 3)).astype(np.float32)
+  y, f = rng.normal(size=(2, 50)).astype(np.float32)
+  x[7] += 100.0
+  y[7] = 1e22
+  mem = rm.build_memory(x, y, f, task="regression")
+  xq = rng.normal(size=(20, 3)).astype(np.float32)
+  yq, fq = rng.normal(size=(2, 20)).astype(np.float32)
+  res = rm.sweep(mem, xq, fq, yq, ks=(1, 5), sigmas=(0.3, 1.0), lams=(0.5,))
+  d, idx = _neighbours(x, xq, 5)
+  assert 7 not in idx
+  assert res.best["deepnet"]["mse"] == pytest.approx(np.mean((fq - yq.astype(np.float64)) ** 2),
+                                                     rel=1e-6)
+  for row in res.table:
+    if row["method"] == "resmem":
+      pred = np.asarray(rm.predict(mem, xq, fq, k=row["k"], sigma=row["sigma"]), np.float64)
+      assert row["mse"] == pytest.approx(np.mean((pred - yq) ** 2), rel=1e-5), row
+
+  fq = np.zeros(20, np.float32)
+  yq = np.float32(1e-15) * rng.normal(size=20).astype(np.float32)
+  yq[3], yq[5] = 1e15, 0.0
+  res = rm.sweep(mem, xq, fq, yq, ks=(1,), sigmas=(1.0,), lams=(0.5,))
+  want = np.mean(yq.astype(np.float64) ** 2)
+  assert res.best["deepnet"]["mse"] == pytest.approx(want, rel=1e-6)
+  small = np.delete(np.arange(20), 3)
+  res = rm.sweep(mem, xq[small], fq[small], yq[small], ks=(1,), sigmas=(1.0,), lams=(0.5,))
+  want = np.mean(yq[small].astype(np.float64) ** 2)
+  assert want < 1e-29
+  assert res.best["deepnet"]["mse"] == pytest.approx(want, rel=1e-6)
+
+
 def test_tiny_temperatures_and_sigmas_stay_finite(cls_data):
   x, y, z, xq, yq, zq = cls_data
   res = rm.sweep((x, y, z), xq, zq, yq, ks=KS, sigmas=(1e-40, 0.5), temperatures=(1e-12, 1.0))
