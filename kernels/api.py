@@ -101,7 +101,11 @@ def _rescore(queries: Float[Array, "Q D"], keys: Float[Array, "N D"],
     winners = keys[idx] * scale  # (m, D)
     if metric == "ip":
       return 0.0 - jnp.sum(q[None, :] * winners, axis=-1)  # +0, never -0
-    return jnp.sqrt(jnp.sum(jnp.square(q[None, :] - winners), axis=-1))
+    # A query on a key: d = 0, where sqrt's derivative is infinite and 0 * inf would
+    # make the whole gradient NaN; the subgradient 0 is taken there instead.
+    squares = jnp.sum(jnp.square(q[None, :] - winners), axis=-1)
+    nonzero = squares != 0  # NaN stays NaN
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
 
   # A fixed batch (query buckets are multiples of 8) bounds the (batch, m, D) gather and
   # compiles the same loop body for every number of queries, so a row's distances are

@@ -30,8 +30,16 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # Queries per search call when streaming a large query set; each chunk is padded to a
 # size bucket (`query_bucket`) so only a handful of shapes ever compile.
 DEFAULT_QUERY_CHUNK = 32768
-# Queries per step of the residual gather: bounds the (batch, k, C) intermediate.
+# Queries per step of the residual gather, at most; fewer (a power of two) where their
+# (batch, k, C) rows would exceed AGGREGATE_BUDGET elements (32 MiB of float32).
 AGGREGATE_BATCH = 512
+AGGREGATE_BUDGET = 1 << 23
+
+
+def aggregate_batch(n_queries: int, k: int, n_outputs: int) -> int:
+  """Queries per step of the residual gather: (batch, k, C) stays within the budget."""
+  fit = max(1, AGGREGATE_BUDGET // (k * n_outputs))
+  return max(1, min(AGGREGATE_BATCH, 1 << (fit.bit_length() - 1), n_queries))
 
 
 def neighbour_weights(distances: Float[Array, "Q k"], *, sigma) -> Float[Array, "Q k"]:
@@ -112,7 +120,7 @@ def aggregate_residuals(residuals: Float[Array, "N C"], indices: Int[Array, "Q k
   if n_q == 0:
     return jnp.zeros((0, residuals.shape[1]), jnp.float32)
   return jax.lax.map(one, (indices, weights.astype(jnp.float32)),
-                     batch_size=min(AGGREGATE_BATCH, n_q))
+                     batch_size=aggregate_batch(n_q, indices.shape[1], residuals.shape[1]))
 
 
 def drop_excluded(distances: Float[Array, "Q k1"], indices: Int[Array, "Q k1"],
@@ -215,7 +223,9 @@ def _combine(residuals, distances, indices, base_outputs, sigma, *, task, temper
   if placement is None:
     return base + aggregate_residuals(residuals, indices, weights)
   # Row-sharded memory: each device sums the residuals it holds, one psum adds them.
-  return base + sharded.weighted_row_sum(residuals, indices, weights, placement=placement)
+  return base + sharded.weighted_row_sum(
+      residuals, indices, weights, placement=placement,
+      batch_size=aggregate_batch(indices.shape[0], indices.shape[1], residuals.shape[1]))
 
 
 def predict(mem: Memory, embeddings: Float[Array, "Q D"], base_outputs: Float[Array, "Q ..."],
@@ -233,7 +243,9 @@ def predict(mem: Memory, embeddings: Float[Array, "Q D"], base_outputs: Float[Ar
   to size buckets (a new batch size inside a bucket reuses the compiled search and
   combination; only the small input checks and slices compile for a new size) and
   streamed through the search `query_chunk` at a time. Changing `sigma` never
-  recompiles.
+  recompiles. Differentiable in sigma, the embeddings, base outputs and the memory's
+  keys and residuals, the neighbour sets held fixed (a query lying on a key takes the
+  subgradient 0 of its distance there).
 
   Args:
     mem: a `Memory` from `build_memory` or `load_memory`.
@@ -281,7 +293,9 @@ def predict(mem: Memory, embeddings: Float[Array, "Q D"], base_outputs: Float[Ar
   if n_q == 0:
     return jnp.zeros((0,) + meta.output_shape, jnp.float32)
   outputs = base_outputs.reshape(n_q, meta.n_outputs)
-  sigma_arr = jnp.asarray(sigma, jnp.float32)
+  # A host sigma is clamped before the float32 cast (1e300 would become inf, which the
+  # traced check in `neighbour_weights` reads as a bad sigma); a traced one is checked there.
+  sigma_arr = jnp.asarray(sigma, jnp.float32) if v.is_traced(sigma) else bandwidth(sigma)
   placement = sharded.placement(mem.residuals)
   pieces = []
   for n_valid, res, (chunk_outputs,) in search_chunks(

@@ -120,6 +120,23 @@ def test_huge_sigma_acts_as_the_largest_safe_bandwidth():
     assert np.all(np.isfinite(w)) and w[0, 2] == 0.0 and w[0, 0] > w[0, 1]
 
 
+@pytest.mark.filterwarnings("error")  # no float32 overflow of sigma or T on its way
+def test_huge_sigma_in_predict_and_sweep_acts_as_the_largest_safe_bandwidth():
+  """predict cast a host sigma of 1e300 to float32 inf before clamping it, and the
+  jitted combination then read inf as a bad traced sigma: every prediction was NaN."""
+  mem, x, y, z, xq, zq = _classification()
+  want = np.asarray(rm.predict(mem, xq, zq, k=7, sigma=2.0 ** 126))
+  assert np.all(np.isfinite(want))
+  for sigma in (3e38, 1e300, np.float64(1e300)):
+    np.testing.assert_array_equal(rm.predict(mem, xq, zq, k=7, sigma=sigma), want)
+  yq = y[:len(xq)]
+  res = rm.sweep(mem, xq, zq, yq, ks=(7,), sigmas=(1e300,), temperatures=(1e300, 1.5))
+  want = rm.sweep(mem, xq, zq, yq, ks=(7,), sigmas=(2.0 ** 126,),
+                  temperatures=(2.0 ** 126, 1.5))
+  assert [r["accuracy"] for r in res.table] == [r["accuracy"] for r in want.table]
+  assert all(np.isfinite(r["log_loss"]) for r in res.table)
+
+
 def test_predict_under_jit_with_a_closed_over_memory():
   """The usual research pattern: a global memory inside a jitted eval step."""
   mem, _, _, _, xq, zq = _classification()
@@ -188,6 +205,37 @@ def test_sigma_as_an_array_or_traced():
   assert float(jax.grad(loss)(0.5)) == pytest.approx(numeric, rel=1e-2, abs=1e-4)
   with pytest.raises(TypeError, match=r"sigma.shape=\(2,\)"):
     rm.predict(mem, xq, zq, k=7, sigma=np.array([0.5, 1.0]))
+
+
+def test_differentiable_in_the_query_embeddings_also_on_a_key():
+  """d/dq of the prediction against float64 central differences of the brute force, with
+  the neighbour sets fixed; a query lying on a key (d = 0, where ||q - x|| has no
+  derivative) gets the subgradient 0 for that term, which central differences also give,
+  rather than a NaN gradient for the whole batch."""
+  mem, x, _, _, xq, zq = _classification()
+  xq = xq[:6].copy()
+  xq[0] = x[17]
+  base = _softmax64(zq[:6], 1.5)
+  project = np.random.default_rng(3).normal(size=base.shape[1])
+  got = np.asarray(jax.jacrev(lambda e: rm.predict(mem, e, zq[:6], k=7, sigma=0.5)
+                              @ jnp.asarray(project, jnp.float32))(jnp.asarray(xq)))
+  got = np.einsum("qqd->qd", got)  # each row depends on its own query only
+  assert np.isfinite(got).all()
+  _, idx, _ = resmem_numpy(x, mem.residuals, xq, base, 7, 0.5)
+  keys = np.asarray(x, np.float64)[idx]  # (Q, k, D), fixed neighbours
+  res = np.asarray(mem.residuals, np.float64)[idx] @ project  # (Q, k)
+
+  def f(q):  # (Q, D) -> (Q,), the residual term (the base does not depend on q)
+    d = np.sqrt(((q[:, None, :] - keys) ** 2).sum(-1))
+    w = np.exp(-(d - d.min(axis=1, keepdims=True)) / 0.5)
+    return (w * res).sum(1) / w.sum(1)
+
+  step, want = 1e-6, np.zeros_like(got, np.float64)
+  for j in range(xq.shape[1]):
+    shift = np.zeros(xq.shape[1])
+    shift[j] = step
+    want[:, j] = (f(xq + shift) - f(xq - shift)) / (2 * step)
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
 def test_memory_permutation_does_not_change_predictions():
