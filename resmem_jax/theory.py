@@ -55,9 +55,9 @@ z^a / (a B(a, a)), which gives
 
 slope -2/(d - 1) on a log-log plot, d - 1 being the intrinsic dimension of the sphere
 (d = 2: E[D_n^2] ~ 2 pi^2 / n^2). The curve drawn in figure 1 is the exact one,
-(||theta*|| - L)^2 / d * E[D_n^2]; the same argument on the cube and the Gaussian gives
-the slope -2/d (with a log factor for the Gaussian at d = 2), but no closed-form curve
-here. Assumptions: noise = 0, Delta independent of the test point's neighbourhood
+(||theta*|| - L)^2 / d * E[D_n^2]; the same argument on the cube gives the slope -2/d,
+and on the Gaussian for d >= 3 (at d <= 2 its tails dominate and there is no power law:
+`resmem_slope_theory` gives None), but no closed-form curve here. Assumptions: noise = 0, Delta independent of the test point's neighbourhood
 (exact as n -> inf), exact neighbours.
 
 With noise sigma_eps and k equally weighted neighbours the error is
@@ -249,7 +249,7 @@ def constrained_least_squares(x: Float[Array, "N D"], y: Float[Array, "N"], radi
   Args:
     x: (N, D) inputs.
     y: (N,) targets.
-    radius: L >= 0 (may be traced).
+    radius: L >= 0 (may be traced; a traced L < 0 or NaN gives NaN, not a theta).
     n_rows: the number of data rows when the rows after them are zero padding (may be
       traced); the rank tolerance eps * max(n_rows, D) * s_max is that of the data
       alone, so a padded fit equals the unpadded one. Default: all rows.
@@ -299,7 +299,9 @@ def constrained_least_squares(x: Float[Array, "N D"], y: Float[Array, "N"], radi
   feasible = jnp.sum(jnp.square(coef_ls)) <= r2
   coef = jnp.where(feasible, coef_ls, sc / (jnp.square(s) + lam))
   theta = jnp.dot(vt.T, coef, precision=HIGHEST)
-  return jnp.where(radius > 0, theta, jnp.zeros_like(theta))
+  # radius 0: theta = 0. A traced radius < 0 or NaN cannot be checked: NaN, not a
+  # plausible theta (inf is the unconstrained least squares, which the above gives).
+  return jnp.where(radius > 0, theta, jnp.where(radius == 0, 0.0, jnp.nan).astype(theta.dtype))
 
 
 class Trials(NamedTuple):
@@ -374,6 +376,11 @@ def simulate_trials(keys: Array, *, n_grid: tuple[int, ...], n_test: int, d: int
   for name, value in (("theta_norm", theta_norm), ("noise", noise), ("radius", radius)):
     if not v.is_traced(value):
       v.check_non_negative(name, v.concrete_scalar(value))
+  typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+  if keys.ndim != (1 if typed else 2):  # raw keys carry a trailing axis of key data
+    raise ValueError(f"keys must be a (S,) batch of PRNG keys, e.g. jax.random.split(key, S), "
+                     f"got keys.shape={tuple(keys.shape)}"
+                     + ("" if typed else " (raw uint32 keys: (S, 2))"))
   return _simulate_trials(keys, n_grid=n_grid, n_test=n_test, d=d, domain=domain,
                           theta_norm=theta_norm, noise=noise, radius=radius)
 

@@ -121,6 +121,12 @@ def test_constrained_least_squares_inactive_and_zero_radius():
   np.testing.assert_allclose(theta, lstsq, atol=1e-5)
   zero = theory.constrained_least_squares(jnp.asarray(x), jnp.asarray(y), 0.0)
   np.testing.assert_array_equal(zero, np.zeros(4, np.float32))
+  # Traced, the radius cannot be checked: a bad one gives NaN, never the plausible 0.
+  fit = jax.jit(theory.constrained_least_squares)
+  np.testing.assert_array_equal(fit(x, y, 0.0), np.zeros(4, np.float32))
+  np.testing.assert_allclose(fit(x, y, np.inf), lstsq, atol=1e-5)
+  for bad in (-1.0, np.nan):
+    assert np.all(np.isnan(np.asarray(fit(x, y, bad)))), bad
 
 
 def test_zero_padding_leaves_the_constrained_fit_unchanged():
@@ -172,6 +178,13 @@ def test_simulate_trials_rejects_negative_scales():
     with pytest.raises(ValueError, match=f"{name}=-0.5"):
       theory.simulate_trials(theory.seed_keys(0, 2, d=3), n_grid=(10,), n_test=5, d=3,
                              domain="sphere", **kwargs)
+
+
+@pytest.mark.parametrize("key", [jax.random.key(0), jax.random.PRNGKey(0)])
+def test_simulate_trials_asks_for_a_batch_of_keys(key):
+  with pytest.raises(ValueError, match=r"keys must be a \(S,\) batch of PRNG keys"):
+    theory.simulate_trials(key, n_grid=(10,), n_test=5, d=3, domain="sphere",
+                           theta_norm=1.0, noise=0.0, radius=0.5)
 
 
 def test_simulate_trials_fits_every_prefix_and_vmaps_over_seeds():
