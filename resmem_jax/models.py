@@ -136,7 +136,10 @@ class ResNet(nn.Module):
 
 
 # The CIFAR family of He et al. (2016), Sec. 4.2: depth 6n + 2, three stages of n basic
-# blocks with 16, 32, 64 filters (times `width`) on 32x32 inputs.
+# blocks with 16, 32, 64 filters (times `width`) on 32x32 inputs. One difference: where the
+# shape changes (the first block of stages 2 and 3) the shortcut is a 1x1 projection with
+# BatchNorm (their option B), not the parameter-free zero-padded identity (option A) they
+# used on CIFAR, so each net has two 1x1 convolutions (and BatchNorms) more than theirs.
 CifarResNet = functools.partial(ResNet, block_cls=ResNetBlock, num_filters=16, stem="cifar")
 ResNet8 = functools.partial(CifarResNet, stage_sizes=(1, 1, 1))
 ResNet14 = functools.partial(CifarResNet, stage_sizes=(2, 2, 2))
@@ -157,6 +160,9 @@ _ResNetTiny = functools.partial(ResNet, stage_sizes=(1,), num_filters=4, stem="c
 
 def cifar_resnet(depth: int, **kwargs) -> ResNet:
   """The CIFAR ResNet of depth `6n + 2` (8, 14, 20, 32, 44, 56, ...).
+
+  He et al.'s (2016) CIFAR network, except for its two shape-changing shortcuts: 1x1
+  projections with BatchNorm (option B), not their zero-padded identity (option A).
 
   Args:
     depth: total number of weighted layers, `6n + 2` with n >= 1.

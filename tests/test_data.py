@@ -1,14 +1,21 @@
-"""Deterministic stratified splits, embedded and mocked TFDS data, on-device augmentation."""
+"""Deterministic stratified splits, embedded, mocked and real (tiny, offline) TFDS data,
+on-device augmentation."""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import pathlib
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from resmem_jax import data
 
@@ -260,3 +267,135 @@ def test_resize_centre_crop():
   out = data._resize_centre_crop(image, 20, 16)
   assert out.shape == (16, 16, 3)
   assert out[8, 8, 0] == 255 and out[8, 0, 0] == 0
+
+
+def _png(image: np.ndarray) -> bytes:
+  # PNG bytes made here: TFDS would encode a NumPy image with TensorFlow.
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+class ResmemTinyImages(tfds.core.GeneratorBasedBuilder):
+  """A real TFDS dataset built offline: 60 training and 24 test 8x8 RGB PNGs, 3 classes.
+
+  Every pixel of example i holds (i, 50 * label, 255 - i), test ids counting from 100, so a
+  test can tell which example an image is and that its label came with it.
+  """
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(8, 8, 3)),
+        "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {"train": self._generate_examples(range(60)),
+            "test": self._generate_examples(range(100, 124))}
+
+  def _generate_examples(self, ids):
+    for i in ids:
+      yield i, {"image": _png(np.full((8, 8, 3), (i, 50 * (i % 3), 255 - i), np.uint8)),
+                "label": i % 3}
+
+
+TINY = "resmem_tiny_images"
+
+
+@pytest.fixture
+def tiny_tfds(monkeypatch, tmp_path):
+  """A TFDS data directory for `TINY`, which `load_splits` accepts as one more TFDS
+  dataset: only its tables of dataset names change, `tfds.data_source` and everything
+  after it run for real."""
+  monkeypatch.setattr(data, "DATASETS", data.DATASETS + (TINY,))
+  monkeypatch.setitem(data._TFDS_TEST_SPLIT, TINY, "test")
+  return str(tmp_path / "tfds")
+
+
+def _ids(images):
+  return images[:, 0, 0, 0].astype(np.int64)
+
+
+def test_a_real_tfds_dataset_is_prepared_as_array_record_and_split_without_tensorflow(
+    tiny_tfds):
+  """TFDS prepares TFRecord by default: without TensorFlow the preparation failed, and
+  a TFRecord dataset has no random access for `tfds.data_source` anyway."""
+  s = data.load_splits(TINY, val_size=6, test_size=9, data_dir=tiny_tfds)
+  assert "tensorflow" not in sys.modules
+  written = sorted(p.name for p in pathlib.Path(tiny_tfds).rglob(f"{TINY}-*"))
+  assert written == [f"{TINY}-test.array_record-00000-of-00001",
+                     f"{TINY}-train.array_record-00000-of-00001"]
+  assert s.num_classes == 3 and s.image_shape == (8, 8, 3)
+  assert (len(s.train), len(s.validation), len(s.test)) == (54, 6, 9)
+  for split, per_class in ((s.train, 18), (s.validation, 2), (s.test, 3)):
+    assert isinstance(split, data.ArraySplit)
+    assert split.images.shape == (len(split), 8, 8, 3)
+    assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
+    np.testing.assert_array_equal(split.labels, _ids(split.images) % 3)
+    assert (split.images[..., 1] == 50 * split.labels[:, None, None]).all()
+    np.testing.assert_array_equal(np.bincount(split.labels), [per_class] * 3)
+  train, val, test = _ids(s.train.images), _ids(s.validation.images), _ids(s.test.images)
+  np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(60))
+  assert len(set(test.tolist())) == 9 and set(test.tolist()) <= set(range(100, 124))
+  mean, std = _pixel_stats(s.train.images)
+  np.testing.assert_allclose(s.mean, mean, rtol=1e-9)
+  np.testing.assert_allclose(s.std, std, rtol=1e-9)
+  # Prepared once: the second call reads it again, to the same splits.
+  again = data.load_splits(TINY, val_size=6, test_size=9, data_dir=tiny_tfds)
+  for a, b in zip(again[:3], s[:3]):
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_a_tfds_dataset_prepared_as_tfrecord_is_refused_with_the_rebuild_command(
+    tiny_tfds, tmp_path):
+  data.load_splits(TINY, val_size=6, data_dir=tiny_tfds)  # prepared as ArrayRecord
+  # No TFRecord can be written without TensorFlow: the prepared dataset is relabelled
+  # as one (TFDS refuses the format as soon as it reads dataset_info.json).
+  other = tmp_path / "tfrecord"
+  shutil.copytree(tiny_tfds, other)
+  (version,) = (other / TINY).iterdir()
+  for path in version.glob(f"{TINY}-*"):
+    path.rename(path.with_name(path.name.replace("array_record", "tfrecord")))
+  info = json.loads((version / "dataset_info.json").read_text())
+  info["fileFormat"] = "tfrecord"
+  (version / "dataset_info.json").write_text(json.dumps(info))
+  with pytest.raises(ValueError, match=f"prepared in another file format.*"
+                     f"tfds build {TINY} --file_format=array_record --data_dir={other}"):
+    data.load_splits(TINY, val_size=6, data_dir=str(other))
+
+
+def test_lazy_tfds_splits_are_stratified_on_labels_read_without_decoding_an_image(
+    tiny_tfds, monkeypatch):
+  """The ImageNet path (`SourceSplit`) on real records: its labels used to decode every
+  image of the split, so its validation split was a uniform draw instead."""
+  monkeypatch.setattr(data, "_LAZY_TFDS", (TINY,))
+  decoded = []
+  decode = tfds.features.Image.decode_example_np
+
+  def counted(self, *args, **kwargs):
+    decoded.append(1)
+    return decode(self, *args, **kwargs)
+
+  monkeypatch.setattr(tfds.features.Image, "decode_example_np", counted)
+  s = data.load_splits(TINY, val_size=6, test_size=9, image_size=8, data_dir=tiny_tfds)
+  assert "tensorflow" not in sys.modules
+  assert s.image_shape == (8, 8, 3) and s.num_classes == 3
+  assert all(isinstance(split, data.SourceSplit) for split in s[:3])
+  labels = [split.labels for split in s[:3]]
+  assert not decoded  # every label read, no image decoded
+  for split_labels, per_class in zip(labels, (18, 2, 3)):
+    assert split_labels.dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(split_labels), [per_class] * 3)
+  assert set(s.train.indices.tolist()).isdisjoint(s.validation.indices.tolist())
+  assert len(s.train.indices) + len(s.validation.indices) == 60
+  images, labels = s.validation.take(np.arange(6))
+  assert len(decoded) == 6
+  assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, s.validation.labels)
+  np.testing.assert_array_equal(labels, _ids(images) % 3)
+  assert (images[..., 1] == 50 * labels[:, None, None]).all()
+  again = data.load_splits(TINY, val_size=6, test_size=9, image_size=8, data_dir=tiny_tfds)
+  for a, b in zip(again[:3], s[:3]):
+    np.testing.assert_array_equal(a.indices, b.indices)

@@ -1,12 +1,15 @@
 r"""CIFAR-10 with a CIFAR ResNet (depth 6n + 2, width multiplier), then ResMem.
 
-TFDS `cifar10` through `tfds.data_source` (needs the prepared dataset in `data_dir`;
-no TensorFlow). Validation: 5000 training images (stratified, seed 0); test: the
-10000 official test images. Recipe: that of He et al. (2016) for the architecture,
-batch 128, lr 0.1 and the augmentation (random crop with 4-pixel padding and horizontal
-flip, on device); they use plain momentum 0.9, weight decay 1e-4 and step decays,
-where this config uses Nesterov momentum 0.9, weight decay 5e-4, 1 warmup epoch and
-cosine decay (a common modern CIFAR recipe).
+TFDS `cifar10` through `tfds.data_source` (reading needs no TensorFlow). The dataset
+must be prepared in `data_dir` as ArrayRecord (`tfds build cifar10
+--file_format=array_record`; building needs TensorFlow, which encodes the images).
+Validation: 5000 training images (stratified, seed 0); test: the 10000 official test
+images. Recipe: that of He et al. (2016) for the architecture, batch 128, lr 0.1 and
+the augmentation (random crop with 4-pixel padding, the padding being the mean pixel,
+and horizontal flip, on device), except that the shortcuts are projections (their
+option B) where they use option A on CIFAR. They use plain momentum 0.9, weight decay
+1e-4 and step decays, where this config uses Nesterov momentum 0.9, weight decay 5e-4,
+1 warmup epoch and cosine decay (a common modern CIFAR recipe).
 
 Command (arg: "depth=20,width=1.0", plus "quick" for a CPU smoke run):
   python experiments/vision.py --workdir runs/cifar10_r20 --config experiments/configs/cifar10.py:depth=20

@@ -1,11 +1,14 @@
 r"""ImageNet (ILSVRC 2012) with ResNet-18 or ResNet-50, then ResMem.
 
 TFDS `imagenet2012` through `tfds.data_source`; TFDS needs the two ILSVRC2012 tar
-files in `manual_dir` to prepare it once. Validation: 10000 training images, a
-seeded uniform draw (seed 0); test: the official 50000-image validation split. Images
-are decoded lazily per batch (shorter side resized to 256, centre 224 crop). The
-validation draw is not stratified (stratifying would decode every image for its
-label: TFDS cannot read a record without TensorFlow otherwise).
+files in `manual_dir` to prepare it once, as ArrayRecord (`tfds build imagenet2012
+--file_format=array_record --manual_dir=...`, with TensorFlow installed; a TFRecord
+build cannot be read). Validation: 10000 training images, stratified (each class in
+proportion to its training images, seed 0; the labels are read without decoding the
+images); test: the official 50000-image validation split. Training and evaluation both
+see centre crops only (shorter side resized to 256, centre 224 crop), the JPEGs
+decoded per batch on the main thread: no random-resized crop or flip augmentation and
+no parallel input pipeline, so this is not the standard ImageNet recipe.
 
 Command (arg: "model=resnet18" or "model=resnet50"):
   python experiments/vision.py --workdir runs/imagenet_r18 \
@@ -37,7 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.learning_rate = 0.1
   c.weight_decay = 1e-4
   c.warmup_epochs = 5.0
-  c.augment = False  # the CIFAR crop/flip is for 32x32; ImageNet uses the centre crop here
+  # Centre crops only: the CIFAR crop/flip is for 32x32, and no ImageNet augmentation
+  # (random-resized crop, flip) is implemented.
+  c.augment = False
   c.eval_batch_size = 250
   c.resmem.ks = (10, 50, 100, 200)
   c.resmem.sigmas = (0.3, 1.0, 3.0)
