@@ -203,7 +203,12 @@ def restore_or_init(manager: ocp.CheckpointManager, state: TrainState) -> TrainS
     return state
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_checkpoint(state))
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  return state.replace(step=restored["step"], params=restored["params"],
+  # Orbax gives the step back as a Python int beside committed device arrays: train_step
+  # then compiled twice, for that mix and again for its own output, whose step is
+  # committed. A committed int32 step, placed like the params, matches that output.
+  placement = jax.tree.leaves(restored["params"])[0].sharding
+  return state.replace(step=jax.device_put(np.asarray(restored["step"], np.int32), placement),
+                       params=restored["params"],
                        batch_stats=restored["batch_stats"], opt_state=restored["opt_state"])
 
 

@@ -125,6 +125,40 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, model):
   assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_a_resumed_run_compiles_train_step_once(tmp_path, monkeypatch):
+  """Orbax restored the step as a Python int beside committed arrays: train_step compiled
+  for that mix on the first step after a resume, and again for the next step."""
+  config = _mnist_tiny(num_epochs=2)  # 2 steps per epoch
+  splits = train.load_splits(config)
+  real_order = train.epoch_order
+
+  def killed_in_epoch_two(seed, epoch, n):
+    if epoch == 1:
+      raise KeyboardInterrupt
+    return real_order(seed, epoch, n)
+
+  monkeypatch.setattr(train, "epoch_order", killed_in_epoch_two)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, str(tmp_path), splits)
+  monkeypatch.setattr(train, "epoch_order", real_order)
+  compiled = []
+
+  def on_compile(event, duration, **kwargs):
+    del duration
+    if (event == "/jax/core/compile/backend_compile_duration"
+        and "train_step" in str(kwargs.get("fun_name"))):
+      compiled.append(kwargs["fun_name"])
+
+  jax.clear_caches()  # the killed run's executables must not serve the resumed run
+  jax.monitoring.register_event_duration_secs_listener(on_compile)
+  try:
+    state, history = train.train(config, str(tmp_path), splits)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+  assert [r["epoch"] for r in history] == [1, 2] and int(state.step) == 4
+  assert len(compiled) == 1, compiled
+
+
 def _epochs_logged(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line)["epoch"] for line in f]
