@@ -16,7 +16,7 @@ by class, so the ResMem hyperparameters are never chosen on the test split. TFDS
 are read without decoding any image (`tfds.decode.SkipDecoding`), so ImageNet's splits
 are stratified too. Small datasets are held in host memory as uint8 arrays
 (`ArraySplit`); ImageNet stays lazy (`SourceSplit`: decode, resize and centre-crop per
-batch, on the main thread).
+batch, in a pool of threads).
 
 CIFAR augmentation (random 32x32 crop of the 4-pixel padded image, horizontal flip) is
 jnp and runs on device inside the jitted train step (`augment_crop_flip`); the padding
@@ -26,7 +26,9 @@ crops only: no random-resized crop or flip, so not the standard ImageNet recipe.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import importlib.util
 import os
 from typing import Any, NamedTuple, Sequence
@@ -68,9 +70,12 @@ class ArraySplit(NamedTuple):
 class SourceSplit:
   """One split read lazily from a random-access TFDS data source (ImageNet scale).
 
-  Images are decoded on demand (on the calling thread), the shorter side resized to
-  `resize` and the centre `image_size` x `image_size` crop kept. The labels are read
-  once, without decoding any image, when the split is made (`load_splits`).
+  Images are decoded on demand, a batch's in parallel threads (PIL releases the GIL
+  while it decodes and resizes; the ArrayRecord reader is thread-safe), the shorter
+  side resized to `resize` and the centre `image_size` x `image_size` crop kept. A
+  training loop overlaps this with the device's previous step, which JAX dispatches
+  asynchronously. The labels are read once, without decoding any image, when the split
+  is made (`load_splits`).
   """
   source: Any  # tfds data source: __len__, __getitem__ -> {"image", "label"}
   indices: np.ndarray  # (N,) int64 rows of `source` that form this split
@@ -83,10 +88,23 @@ class SourceSplit:
 
   def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(images (B, image_size, image_size, 3) uint8, labels (B,) int32) at `indices`."""
-    examples = [self.source[int(self.indices[i])] for i in indices]
-    images = np.stack([_resize_centre_crop(np.asarray(e["image"]), self.resize,
-                                           self.image_size) for e in examples])
-    return images, np.asarray([e["label"] for e in examples], np.int32)
+    indices = np.asarray(indices, np.int64)
+
+    def image(row):
+      return _resize_centre_crop(np.asarray(self.source[int(row)]["image"]), self.resize,
+                                 self.image_size)
+
+    images = list(_decode_pool().map(image, self.indices[indices]))
+    if not images:
+      return np.zeros((0, self.image_size, self.image_size, 3), np.uint8), self.labels[:0]
+    return np.stack(images), self.labels[indices]
+
+
+@functools.cache
+def _decode_pool() -> concurrent.futures.ThreadPoolExecutor:
+  """Threads that decode `SourceSplit` images, one per core (made on first use)."""
+  return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                               thread_name_prefix="resmem-decode")
 
 
 class Splits(NamedTuple):
@@ -284,7 +302,7 @@ def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
   every record, which the ResMem stage's training labels need anyway). A TFDS dataset
   is opened, and prepared if missing, as ArrayRecord; one prepared as TFRecord must be
   rebuilt (`tfds build NAME --file_format=array_record`). ImageNet images are decoded
-  per batch on the calling thread and centre-cropped (no augmentation).
+  per batch, in threads, and centre-cropped (no augmentation).
 
   Args:
     name: one of `DATASETS`.

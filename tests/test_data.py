@@ -399,3 +399,12 @@ def test_lazy_tfds_splits_are_stratified_on_labels_read_without_decoding_an_imag
   again = data.load_splits(TINY, val_size=6, test_size=9, image_size=8, data_dir=tiny_tfds)
   for a, b in zip(again[:3], s[:3]):
     np.testing.assert_array_equal(a.indices, b.indices)
+  # Decoded in threads, returned in the order asked (repeats included), as one by one.
+  rows = np.array([7, 0, 3, 7, 12])
+  images, labels = s.train.take(rows)
+  one_by_one = [data._resize_centre_crop(np.asarray(s.train.source[int(r)]["image"]), 9, 8)
+                for r in s.train.indices[rows]]
+  np.testing.assert_array_equal(images, np.stack(one_by_one))
+  np.testing.assert_array_equal(labels, s.train.labels[rows])
+  images, labels = s.train.take(np.zeros(0, np.int64))
+  assert images.shape == (0, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (0,)

@@ -7,8 +7,8 @@ build cannot be read). Validation: 10000 training images, stratified (each class
 proportion to its training images, seed 0; the labels are read without decoding the
 images); test: the official 50000-image validation split. Training and evaluation both
 see centre crops only (shorter side resized to 256, centre 224 crop), the JPEGs
-decoded per batch on the main thread: no random-resized crop or flip augmentation and
-no parallel input pipeline, so this is not the standard ImageNet recipe.
+decoded per batch by a pool of threads: no random-resized crop or flip augmentation,
+so this is not the standard ImageNet recipe.
 
 Command (arg: "model=resnet18" or "model=resnet50"):
   python experiments/vision.py --workdir runs/imagenet_r18 \
