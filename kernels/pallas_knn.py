@@ -80,6 +80,7 @@ sizes are unverified; the compiled-mode tests are marked `accelerator`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -676,8 +677,12 @@ def knn_pallas(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, 
   certified = certified[:, 0] > 0
 
   def fallback(_):
-    # Exact, and only run when some row's bins could not certify their top-k.
-    exact, exact_idx = knn_xla(queries, keys, k, metric=metric, centring=centring)
+    # Exact, and only run when some row's bins could not certify their top-k. Unpaired
+    # tiles: paired minima would tag the scores (`xla.PACKED_ULPS`), and the public
+    # certificate allows for tags only where `uses_pairs` says so, which it does not here.
+    tiles, _ = xla.tiling(k, keys.shape[0], keys.shape[1], keys.dtype, metric, None)
+    exact, exact_idx = knn_xla(queries, keys, k, metric=metric, centring=centring,
+                               block_sizes=dataclasses.replace(tiles, pairs=False))
     return (jnp.where(certified[:, None], scores, exact),
             jnp.where(certified[:, None], indices, exact_idx))
 

@@ -147,6 +147,35 @@ def test_binned_kernel_certifies_random_data_and_falls_back_exactly():
   assert_kernel_exact(idx, queries, keys, 64)
 
 
+# 48 keys at |x| = 1 + n 2^-23, n = 0..47 (signs: _NEAR_SIGNS), the first 10 in lane 0 of their
+# chunks, so the binned kernel cannot certify k = 33 for a query at 0; the other 5456 keys
+# lie further out. Distances from 0 are exact in float32, and the 33rd is one ulp from
+# the 34th: a search ranked by tagged scores (up to 16 ulps) cannot be trusted here.
+_NEAR_ROWS = (128, 256, 384, 512, 640, 768, 896, 1024, 1152, 1280, 5001, 2633, 3368, 4161,
+              2830, 1947, 586, 3310, 4735, 3438, 2058, 4632, 2155, 2108, 2198, 1801, 2510, 816,
+              3467, 5323, 4668, 148, 4686, 556, 3517, 4911, 478, 511, 5414, 4533, 4077, 3705,
+              1136, 3732, 5060, 3168, 2698, 3481)
+_NEAR_SIGNS = "-+++-+---++--+---++---+-+----++-++-+-++++++---+-"
+
+
+def test_binned_fallback_ranks_by_untagged_scores():
+  """The fallback of the binned kernel ran the XLA search on its default tiles, which
+  pair chunk minima at this size: tagged scores, which the certificate did not allow
+  for on TPU, so key 556 (n = 33) was returned as certified in place of 4686 (n = 32)."""
+  n, near = 5504, len(_NEAR_ROWS)
+  ulp = 2.0 ** -23
+  x = np.zeros(n)
+  for i, row in enumerate(_NEAR_ROWS):
+    x[row] = (1 + i * ulp) * (-1 if _NEAR_SIGNS[i] == "-" else 1)
+  rest = np.setdiff1d(np.arange(n), _NEAR_ROWS)
+  far = near + 16 + np.arange(len(rest))
+  x[rest] = (1 + far * ulp) * np.where(far % 2 == 0, 1, -1)
+  keys, queries = x.astype(np.float32)[:, None], np.zeros((1, 1), np.float32)
+  assert xla.tiling(33, n, 1, jnp.float32, "l2", None)[1]  # the default tiles pair
+  res = resmem_jax.knn(queries, keys, 33, implementation="pallas")
+  np.testing.assert_array_equal(np.asarray(res.indices)[0], _NEAR_ROWS[:33])
+
+
 def test_k_at_the_kernel_maximum():
   # The wrapper asks the kernel for k + margin candidates (the exactness certificate):
   # the largest public k is the one whose candidate count is the kernel's maximum.
