@@ -6,11 +6,15 @@ distances, and shifts their indices by the shard's offset. The (Q, shards * k)
 candidates are then merged by (distance, global index): the k nearest of the union of
 the local k nearest are the global k nearest, and equal distances keep the lower
 global index first, exactly as on one device. Only Q * k candidates per shard cross
-devices; the keys never move. The result has the bits of one device's search, for
-both metrics: one device ranks on its matmul scores and the merge on the re-scored
-distances, which may differ in the last bit, but two keys that tie that closely at the
-k-th place fail the certificate on both (`api.search_certified`), and both recompute
-the row with the direct search.
+devices; the keys never move. A row the certificate proves has the bits of one
+device's search, for both metrics: one device ranks on its matmul scores and the merge
+on the re-scored distances, which may differ in the last bit, but two keys that tie
+that closely at the k-th place fail the certificate on both (`api.search_certified`),
+and both recompute the row with the direct search. That search is exact too, but its
+sums may round differently on a shard's key tiles than on one device's
+(`kernels/direct.py`): where distances tie within float32 rounding (inner products of
+data far from the origin, say), a re-searched row may keep another of the tied keys at
+the k-th place than one device does.
 
 Placing a memory over the devices of a TPU pod slice (or GPUs, or fake CPU devices):
 

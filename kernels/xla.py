@@ -282,13 +282,15 @@ def _merge_best(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, 
 
 def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, block_n: int,
                   score: Callable, aux: Float[Array, "N"] | None = None,
-                  centre: Callable = centre_fn(None)
+                  centre: Callable = centre_fn(None), whole_tiles: bool = False
                   ) -> tuple[Float[Array, "bq k"], Int[Array, "bq k"]]:
   """The unpruned search: every key tile's top-k merged into a running top-k.
 
   `score(q, x, aux_tile) -> (bq, tile)` gives a tile's scores (smaller is better) on
   the tile `x = centre(keys tile)`; `aux` is a per-key array sliced along with the
-  keys (e.g. ||x||^2), or None.
+  keys (e.g. ||x||^2), or None. Fewer than `block_n` keys are scored as one tile of
+  their own size, unless `whole_tiles`: then as a padded tile of `block_n`, so every
+  tile has one shape whatever N is.
   """
   n = keys.shape[0]
   bq = q.shape[0]
@@ -306,10 +308,11 @@ def running_top_k(q: Float[Array, "bq D"], keys: Float[Array, "N D"], k: int, bl
     x, x_aux = _key_tile(keys, aux, b, block_n, centre)
     return merge(carry, x, x_aux, b * block_n), None
 
-  block_n = min(block_n, n)
+  block_n = block_n if whole_tiles else min(block_n, n)
   n_full = n // block_n
-  carry, _ = jax.lax.scan(body, _no_best(bq, k, n, q.dtype),
-                          jnp.arange(n_full, dtype=jnp.int32))
+  carry = _no_best(bq, k, n, q.dtype)
+  if n_full:
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full, dtype=jnp.int32))
   if n % block_n:
     start = n_full * block_n
     x, x_aux, valid = _padded_tail(keys, aux, start, block_n, centre)

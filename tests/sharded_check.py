@@ -120,6 +120,12 @@ def main():
     for k in (1, 5, 10):
       check_knn(mesh, P("data", None), near, queries, k, "ip", implementation,
                 f"ip near-ties {implementation} k={k}")
+  # Inner products of data offset by 1e4 all tie within float32 rounding: every row
+  # fails the certificate and is searched directly. Its key tiles shrank to N (200 on
+  # one device, 25 on a shard), which rounded the sums over D differently: 42 of 64
+  # rows kept another key at k = 3 than one device. Tiles of one shape: the same bits.
+  tied = (1e4 + 1e-2 * np.random.default_rng(1).standard_normal((264, 4))).astype(np.float32)
+  check_knn(mesh, P("data", None), tied[:200], tied[200:], 3, "ip", "xla", "ip offset 1e4")
   check_knn(mesh2, P("data", None), keys, queries, 7, "l2", "xla", "2-D mesh, rows on 'data'")
   check_knn(mesh2, P(("data", "model"), None), keys, queries, 7, "l2", "xla",
             "2-D mesh, rows on ('data', 'model')")
