@@ -20,8 +20,9 @@ batch, in a pool of threads).
 
 CIFAR augmentation (random 32x32 crop of the 4-pixel padded image, horizontal flip) is
 jnp and runs on device inside the jitted train step (`augment_crop_flip`); the padding
-is the mean pixel (zeros after normalization), not black. ImageNet is trained on centre
-crops only: no random-resized crop or flip, so not the standard ImageNet recipe.
+is the mean pixel (zeros after normalization), not black. ImageNet training batches
+are random-resized crops with flips, drawn on the host as they are decoded
+(`random_resized_crop_flip`, keyed by seed and step, so a resumed run replays them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import importlib.util
+import math
 import os
 from typing import Any, NamedTuple, Sequence
 
@@ -72,10 +74,11 @@ class SourceSplit:
 
   Images are decoded on demand, a batch's in parallel threads (PIL releases the GIL
   while it decodes and resizes; the ArrayRecord reader is thread-safe), the shorter
-  side resized to `resize` and the centre `image_size` x `image_size` crop kept. A
-  training loop overlaps this with the device's previous step, which JAX dispatches
-  asynchronously. The labels are read once, without decoding any image, when the split
-  is made (`load_splits`).
+  side resized to `resize` and the centre `image_size` x `image_size` crop kept, or,
+  for training with `augment_seed`, a random-resized crop and flip
+  (`random_resized_crop_flip`). A training loop overlaps this with the device's
+  previous step, which JAX dispatches asynchronously. The labels are read once,
+  without decoding any image, when the split is made (`load_splits`).
   """
   source: Any  # tfds data source: __len__, __getitem__ -> {"image", "label"}
   indices: np.ndarray  # (N,) int64 rows of `source` that form this split
@@ -86,15 +89,25 @@ class SourceSplit:
   def __len__(self) -> int:
     return self.indices.shape[0]
 
-  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(images (B, image_size, image_size, 3) uint8, labels (B,) int32) at `indices`."""
+  def take(self, indices: np.ndarray, augment_seed: Sequence[int] | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(images (B, image_size, image_size, 3) uint8, labels (B,) int32) at `indices`.
+
+    With `augment_seed` (ints, e.g. (seed, step)), image b of the batch is a random-
+    resized crop and flip drawn from `np.random.default_rng((*augment_seed, b))`: the
+    same batch and seed give the same images, so a resumed run replays them.
+    """
     indices = np.asarray(indices, np.int64)
 
-    def image(row):
-      return _resize_centre_crop(np.asarray(self.source[int(row)]["image"]), self.resize,
-                                 self.image_size)
+    def image(b_row):
+      b, row = b_row
+      decoded = np.asarray(self.source[int(row)]["image"])
+      if augment_seed is None:
+        return _resize_centre_crop(decoded, self.resize, self.image_size)
+      rng = np.random.default_rng((*(int(s) for s in augment_seed), b))
+      return random_resized_crop_flip(decoded, self.image_size, rng)
 
-    images = list(_decode_pool().map(image, self.indices[indices]))
+    images = list(_decode_pool().map(image, enumerate(self.indices[indices])))
     if not images:
       return np.zeros((0, self.image_size, self.image_size, 3), np.uint8), self.labels[:0]
     return np.stack(images), self.labels[indices]
@@ -127,6 +140,51 @@ def _resize_centre_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray
                                    max(size, round(img.size[1] * scale))), Image.BILINEAR)
   left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
   return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def random_resized_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator, *,
+                             scale: tuple[float, float] = (0.08, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                             attempts: int = 10) -> np.ndarray:
+  """The ImageNet training augmentation (Szegedy et al. 2015; He et al. 2016): a crop of
+  a random fraction `scale` of the area and aspect ratio in `ratio` (log-uniform),
+  resized to `size` x `size` (bilinear), flipped left-right with probability 1/2.
+
+  After `attempts` draws that do not fit the image, the centre crop of the whole image
+  clipped to `ratio` (as torchvision's RandomResizedCrop does).
+
+  Args:
+    image: (H, W, C) uint8, C = 1 or 3 (grey is made RGB).
+    size: output side.
+    rng: the draws' generator.
+    scale, ratio, attempts: as above.
+
+  Returns:
+    (size, size, 3) uint8.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (ImageNet only)
+  img = Image.fromarray(np.asarray(image, np.uint8).squeeze(-1) if image.shape[-1] == 1
+                        else np.asarray(image, np.uint8)).convert("RGB")
+  width, height = img.size
+  for _ in range(attempts):
+    area = width * height * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+      break
+  else:
+    if width / height < ratio[0]:
+      w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+      w, h = round(height * ratio[1]), height
+    else:
+      w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+  out = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+  if rng.uniform() < 0.5:
+    out = out.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.asarray(out, np.uint8)
 
 
 def stratified_split(labels: np.ndarray, sizes: Sequence[int], *, seed: int
@@ -302,7 +360,8 @@ def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
   every record, which the ResMem stage's training labels need anyway). A TFDS dataset
   is opened, and prepared if missing, as ArrayRecord; one prepared as TFRecord must be
   rebuilt (`tfds build NAME --file_format=array_record`). ImageNet images are decoded
-  per batch, in threads, and centre-cropped (no augmentation).
+  per batch, in threads, and centre-cropped (`SourceSplit.take`; training batches may
+  ask for random-resized crops instead).
 
   Args:
     name: one of `DATASETS`.

@@ -324,6 +324,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Spli
   _, schedule = create_optimizer(config, steps_per_epoch)
   mean, std = tuple(splits.mean), tuple(splits.std)
   augment = bool(config.get("augment", False))
+  # Held in memory (CIFAR, MNIST): crop and flip on device inside train_step. Read lazily
+  # (ImageNet): random-resized crop and flip as the images are decoded on the host.
+  host_augment = augment and isinstance(splits.train, data_lib.SourceSplit)
   aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   eval_bs = config.get("eval_batch_size", 512)
 
@@ -344,10 +347,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, splits: data_lib.Spli
       order = epoch_order(config.seed, epoch, n_train)
       sums = None
       for i in range(steps_per_epoch):
-        images, labels = splits.train.take(order[i * batch_size:(i + 1) * batch_size])
         step = epoch * steps_per_epoch + i
+        batch = order[i * batch_size:(i + 1) * batch_size]
+        images, labels = (splits.train.take(batch, augment_seed=(config.seed, step))
+                          if host_augment else splits.train.take(batch))
         state, m = train_step(state, images, labels, jax.random.fold_in(aug_key, step),
-                              mean=mean, std=std, augment=augment)
+                              mean=mean, std=std, augment=augment and not host_augment)
         sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
         bar.update(1)
       sums = jax.device_get(sums)

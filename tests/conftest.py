@@ -82,6 +82,19 @@ def tiny_segments(monkeypatch):
 
 
 @pytest.fixture
+def tiny_tfds(monkeypatch, tmp_path):
+  """A TFDS data directory for `tiny_tfds.TINY`, which `data.load_splits` accepts as one
+  more TFDS dataset: only its tables of dataset names change, `tfds.data_source` and
+  everything after it run for real (the dataset is prepared on first use)."""
+  from tiny_tfds import TINY  # pylint: disable=g-import-not-at-top  (registers the builder)
+
+  from resmem_jax import data  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(data, "DATASETS", data.DATASETS + (TINY,))
+  monkeypatch.setitem(data._TFDS_TEST_SPLIT, TINY, "test")  # pylint: disable=protected-access
+  return str(tmp_path / "tfds")
+
+
+@pytest.fixture
 def run_module(tmp_path):
   """Runs `python -m module *args` on the CPU backend in tmp_path (a benchmark's CLI)."""
 

@@ -4,7 +4,6 @@ on-device augmentation."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import pathlib
 import shutil
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
+from tiny_tfds import TINY
 
 from resmem_jax import data
 
@@ -269,50 +268,6 @@ def test_resize_centre_crop():
   assert out[8, 8, 0] == 255 and out[8, 0, 0] == 0
 
 
-def _png(image: np.ndarray) -> bytes:
-  # PNG bytes made here: TFDS would encode a NumPy image with TensorFlow.
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
-class ResmemTinyImages(tfds.core.GeneratorBasedBuilder):
-  """A real TFDS dataset built offline: 60 training and 24 test 8x8 RGB PNGs, 3 classes.
-
-  Every pixel of example i holds (i, 50 * label, 255 - i), test ids counting from 100, so a
-  test can tell which example an image is and that its label came with it.
-  """
-  VERSION = tfds.core.Version("1.0.0")
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(8, 8, 3)),
-        "label": tfds.features.ClassLabel(num_classes=3)}))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
-    return {"train": self._generate_examples(range(60)),
-            "test": self._generate_examples(range(100, 124))}
-
-  def _generate_examples(self, ids):
-    for i in ids:
-      yield i, {"image": _png(np.full((8, 8, 3), (i, 50 * (i % 3), 255 - i), np.uint8)),
-                "label": i % 3}
-
-
-TINY = "resmem_tiny_images"
-
-
-@pytest.fixture
-def tiny_tfds(monkeypatch, tmp_path):
-  """A TFDS data directory for `TINY`, which `load_splits` accepts as one more TFDS
-  dataset: only its tables of dataset names change, `tfds.data_source` and everything
-  after it run for real."""
-  monkeypatch.setattr(data, "DATASETS", data.DATASETS + (TINY,))
-  monkeypatch.setitem(data._TFDS_TEST_SPLIT, TINY, "test")
-  return str(tmp_path / "tfds")
-
-
 def _ids(images):
   return images[:, 0, 0, 0].astype(np.int64)
 
@@ -408,3 +363,60 @@ def test_lazy_tfds_splits_are_stratified_on_labels_read_without_decoding_an_imag
   np.testing.assert_array_equal(labels, s.train.labels[rows])
   images, labels = s.train.take(np.zeros(0, np.int64))
   assert images.shape == (0, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (0,)
+
+
+def _box_resized(image, box, size):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+
+
+def test_random_resized_crop_flip_draws_a_box_of_the_asked_area_and_ratio():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+  a = data.random_resized_crop_flip(image, 12, np.random.default_rng(7))
+  assert a.shape == (12, 12, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, data.random_resized_crop_flip(image, 12,
+                                                                 np.random.default_rng(7)))
+  outs = [data.random_resized_crop_flip(image, 12, np.random.default_rng(s)) for s in range(40)]
+  assert len({o.tobytes() for o in outs}) == 40
+  # The whole area at ratio 1 of a square image: the resized image, flipped or not.
+  square = image[:, :30]
+  whole = _box_resized(square, (0, 0, 30, 30), 12)
+  flips = 0
+  for seed in range(200):
+    out = data.random_resized_crop_flip(square, 12, np.random.default_rng(seed),
+                                        scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    flipped = np.array_equal(out, whole[:, ::-1])
+    assert flipped or np.array_equal(out, whole)
+    flips += flipped
+  assert 70 < flips < 130  # probability 1/2
+  # No box of the whole area fits a 4:1 image at ratio <= 4/3: the centre crop clipped
+  # to ratio 4/3 after the attempts.
+  wide = rng.integers(0, 256, (10, 40, 3), dtype=np.uint8)
+  out = data.random_resized_crop_flip(wide, 6, np.random.default_rng(1), scale=(1.0, 1.0))
+  centre = _box_resized(wide, (13, 0, 26, 10), 6)  # w = round(10 * 4/3) = 13, centred
+  assert np.array_equal(out, centre) or np.array_equal(out, centre[:, ::-1])
+  grey = data.random_resized_crop_flip(image[..., :1], 12, np.random.default_rng(7))
+  assert grey.shape == (12, 12, 3) and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_lazy_split_augments_by_seed_and_keeps_the_labels(tiny_tfds, monkeypatch):
+  """Image b of a batch taken with augment_seed is the crop and flip drawn from
+  default_rng((*augment_seed, b)): a resumed run replays its batches exactly."""
+  monkeypatch.setattr(data, "_LAZY_TFDS", (TINY,))
+  s = data.load_splits(TINY, val_size=6, image_size=8, data_dir=tiny_tfds)
+  rows = np.arange(12)
+  plain, labels = s.train.take(rows)
+  a, a_labels = s.train.take(rows, augment_seed=(0, 5))
+  np.testing.assert_array_equal(a, s.train.take(rows, augment_seed=(0, 5))[0])
+  np.testing.assert_array_equal(a_labels, labels)
+  assert a.shape == plain.shape == (12, 8, 8, 3) and a.dtype == np.uint8
+  for b, row in enumerate(s.train.indices[rows]):
+    decoded = np.asarray(s.train.source[int(row)]["image"])
+    want = data.random_resized_crop_flip(decoded, 8, np.random.default_rng((0, 5, b)))
+    np.testing.assert_array_equal(a[b], want)
+  # The first two channels are constant: any crop keeps the example's id and label.
+  np.testing.assert_array_equal(a[..., :2], plain[..., :2])
+  c, _ = s.train.take(rows, augment_seed=(0, 6))
+  assert not np.array_equal(a[..., 2], c[..., 2])
+  assert not np.array_equal(a[..., 2], plain[..., 2])

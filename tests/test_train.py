@@ -125,6 +125,51 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch, model):
   assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_lazy_splits_are_augmented_on_the_host_and_resume_exactly(tmp_path, monkeypatch,
+                                                                     tiny_tfds):
+  """The ImageNet path (`SourceSplit`): augment=True draws a random-resized crop and flip
+  per image as it is decoded, keyed by (seed, step), not the on-device CIFAR crop; a run
+  killed in epoch 2 resumes to the parameters of an uninterrupted one."""
+  from tiny_tfds import TINY  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(data, "_LAZY_TFDS", (TINY,))
+  config = _mnist_tiny(num_epochs=2, max_train=None)
+  config.dataset, config.data_dir, config.image_size, config.val_size = TINY, tiny_tfds, 8, 6
+  config.batch_size, config.augment = 18, True  # 54 training images: 3 steps per epoch
+  splits = train.load_splits(config)
+  assert isinstance(splits.train, data.SourceSplit)
+  seeds, device_augment = [], []
+  real_take, real_step = data.SourceSplit.take, train.train_step
+
+  def take(self, indices, augment_seed=None):
+    seeds.append(augment_seed)
+    return real_take(self, indices, augment_seed)
+
+  def step(*args, augment, **kwargs):
+    device_augment.append(augment)
+    return real_step(*args, augment=augment, **kwargs)
+
+  monkeypatch.setattr(data.SourceSplit, "take", take)
+  monkeypatch.setattr(train, "train_step", step)
+  straight, _ = train.train(config, str(tmp_path / "straight"), splits)
+  assert [s for s in seeds if s is not None] == [(0, step) for step in range(6)]
+  assert device_augment == [False] * 6
+
+  real_order = train.epoch_order
+
+  def killed_in_epoch_two(seed, epoch, n):
+    if epoch == 1:
+      raise KeyboardInterrupt
+    return real_order(seed, epoch, n)
+
+  workdir = str(tmp_path / "resumed")
+  monkeypatch.setattr(train, "epoch_order", killed_in_epoch_two)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, workdir, splits)
+  monkeypatch.setattr(train, "epoch_order", real_order)
+  resumed, _ = train.train(config, workdir, splits)
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+
+
 def test_a_resumed_run_compiles_train_step_once(tmp_path, monkeypatch):
   """Orbax restored the step as a Python int beside committed arrays: train_step compiled
   for that mix on the first step after a resume, and again for the next step."""

@@ -5,10 +5,11 @@ files in `manual_dir` to prepare it once, as ArrayRecord (`tfds build imagenet20
 --file_format=array_record --manual_dir=...`, with TensorFlow installed; a TFRecord
 build cannot be read). Validation: 10000 training images, stratified (each class in
 proportion to its training images, seed 0; the labels are read without decoding the
-images); test: the official 50000-image validation split. Training and evaluation both
-see centre crops only (shorter side resized to 256, centre 224 crop), the JPEGs
-decoded per batch by a pool of threads: no random-resized crop or flip augmentation,
-so this is not the standard ImageNet recipe.
+images); test: the official 50000-image validation split. Training images are
+random-resized crops (8-100% of the area, aspect 3/4 to 4/3) flipped at random, as in
+He et al. (2016); evaluation and the memory see centre crops (shorter side resized to
+256, centre 224 crop). The JPEGs are decoded per batch by a pool of threads. No colour
+or lighting augmentation.
 
 Command (arg: "model=resnet18" or "model=resnet50"):
   python experiments/vision.py --workdir runs/imagenet_r18 \
@@ -40,9 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.learning_rate = 0.1
   c.weight_decay = 1e-4
   c.warmup_epochs = 5.0
-  # Centre crops only: the CIFAR crop/flip is for 32x32, and no ImageNet augmentation
-  # (random-resized crop, flip) is implemented.
-  c.augment = False
+  # Random-resized crop and flip, on the host as the images are decoded (`SourceSplit`).
+  c.augment = True
   c.eval_batch_size = 250
   c.resmem.ks = (10, 50, 100, 200)
   c.resmem.sigmas = (0.3, 1.0, 3.0)
