@@ -627,6 +627,10 @@ def evaluate_curve(spec: CurveSpec, *, seed: int, num_seeds: int, n_test: int,
     if on_point is not None:
       on_point(spec, n)
   base, resmem = np.stack(base), np.stack(resmem)  # (len(n), S)
+  # The base model is linear: its population risk against the noiseless target is
+  # exactly s ||theta_hat - theta*||^2 (E[x x^T] = s I), free of the test sample's noise.
+  gap = trials.theta_hat.astype(np.float64) - trials.theta_star[:, None].astype(np.float64)
+  population = second_moment(spec.domain, spec.d) * np.sum(gap * gap, axis=-1)  # (S, G)
 
   slope_fit = slope_fit_std = None
   fit_n: list[int] = []
@@ -658,6 +662,7 @@ def evaluate_curve(spec: CurveSpec, *, seed: int, num_seeds: int, n_test: int,
       "resmem_risk": resmem.mean(axis=1).tolist(),
       "resmem_risk_std": resmem.std(axis=1, ddof=1).tolist(),
       "base_risk_per_seed": base.tolist(),
+      "base_risk_population": population.mean(axis=0).tolist(),
       "resmem_risk_per_seed": resmem.tolist(),
       "base_risk_theory": base_risk_limit(radius=spec.radius, theta_norm=spec.theta_norm,
                                           **theory_kwargs),
@@ -692,7 +697,9 @@ def run(config: ml_collections.ConfigDict,
     "hardware": dict}. Each curve has
     figure, domain, d, d_eff, L, theta_norm, noise, k (int, or None when k grows with
     n), k_rule, k_per_n, sigma, n (list), base_risk / resmem_risk (mean over seeds, per
-    n), *_std (their standard deviation over seeds), *_per_seed, base_risk_theory
+    n, on the n_test test points), *_std (their standard deviation over seeds),
+    *_per_seed, base_risk_population (the base models' exact population risk
+    s ||theta_hat - theta*||^2, mean over seeds, per n), base_risk_theory
     (the n -> inf limit), resmem_risk_theory (list or None), resmem_slope_theory,
     resmem_slope_fit (fitted on n >= slope_fit_min_n, listed in slope_fit_n) and
     resmem_slope_fit_std (the std of the per-seed fits), noise_floor (sigma_eps^2 / k_n,

@@ -48,6 +48,11 @@ def test_base_risk_at_largest_n_matches_closed_form(quick_results):
     limit = (1.0 - 0.5) ** 2 / d
     assert c["base_risk_theory"] == pytest.approx(limit)
     assert c["base_risk"][-1] == pytest.approx(limit, rel=0.05), d
+    # Free of the test sample's noise: the population risk of a fit constrained to
+    # ||theta|| <= L is at least the limit, and O(1/n) above it.
+    population = np.asarray(c["base_risk_population"])
+    assert np.all(population >= limit * (1 - 1e-6)), d
+    assert population[-1] == pytest.approx(limit, rel=2e-3), d
 
 
 def test_resmem_slope_matches_theory(quick_results):
