@@ -85,6 +85,29 @@ def check_placement(keys, queries, labels, logits, q_logits):
       rm.predict(mem, queries[:32], q_logits[:32], k=9, sigma=0.5), rtol=0, atol=1e-6)
 
 
+def check_sweep_scratch(mesh):
+  """A sweep over a row-sharded memory gathers its neighbour rows per batch of queries,
+  within the grid budget, as one device does: it gathered a whole chunk's (Q, k, C)
+  rows at once (12 GiB of scratch per device at Q = 32768, k = 50, C = 1000)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from resmem_jax.sweep import _grid_sums  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  n, c, q, k = 128, 1000, 32768, 50
+  mem = rm.build_memory(rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, c, n),
+                        rng.normal(size=(n, c)).astype(np.float32))
+  sds = jax.ShapeDtypeStruct
+  scratch = {}
+  for name, m in (("one device", mem), ("sharded", rm.shard_memory(mem, mesh))):
+    compiled = _grid_sums.lower(
+        sds((q, k), jnp.float32), sds((q, k), jnp.int32), sds((q, c), jnp.float32),
+        sds((q,), jnp.int32), sds((q,), jnp.bool_), m.outputs, m.targets,
+        jnp.ones(3, jnp.float32), jnp.ones(5, jnp.float32), task="classification",
+        ks=(1, 10, 50), temperatures=(1.0,), batch=16,
+        placement=sharded.placement(m.outputs)).compile()
+    scratch[name] = compiled.memory_analysis().temp_size_in_bytes
+  assert scratch["sharded"] < 2 * scratch["one device"] + (64 << 20), scratch
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   # Small enough inputs to split over 8 devices here; the production threshold
@@ -214,6 +237,7 @@ def main():
   got = rm.sweep(rm.shard_memory(reg, mesh), queries, q_out, q_y, ks=(1, 4), sigmas=(0.5,))
   want = rm.sweep(reg, queries, q_out, q_y, ks=(1, 4), sigmas=(0.5,))
   assert got.table == want.table, (got.table, want.table)
+  check_sweep_scratch(mesh)
   try:
     rm.shard_memory(rm.build_memory(keys[:500], labels[:500], logits[:500]), mesh)
   except ValueError as e:

@@ -9,7 +9,7 @@ import pytest
 
 import resmem_jax as rm
 from resmem_jax.kernels import api as knn_api
-from resmem_jax.predict import _combine
+from resmem_jax.predict import AGGREGATE_BUDGET, _combine
 
 
 def _softmax64(z, t):
@@ -236,6 +236,18 @@ def test_differentiable_in_the_query_embeddings_also_on_a_key():
     shift[j] = step
     want[:, j] = (f(xq + shift) - f(xq - shift)) / (2 * step)
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_residual_gather_stays_within_its_budget_at_large_k_and_c():
+  """A fixed batch of 512 queries gathered (512, k, C) rows: 1957 MiB of compiled
+  scratch at k = C = 1000 (measured with the old batch); the batch now shrinks."""
+  sds = jax.ShapeDtypeStruct
+  for k, c in ((10, 1000), (1000, 1000)):
+    compiled = jax.jit(rm.aggregate_residuals).lower(
+        sds((4000, c), jnp.float32), sds((1024, k), jnp.int32),
+        sds((1024, k), jnp.float32)).compile()
+    scratch = compiled.memory_analysis().temp_size_in_bytes
+    assert scratch < 2 * AGGREGATE_BUDGET * 4, (k, c, scratch)  # 64 MiB
 
 
 def test_memory_permutation_does_not_change_predictions():
