@@ -317,7 +317,7 @@ def gather_rows(table, idx, *, placement):
       check_vma=False)(table, idx)
 
 
-def weighted_row_sum(table, idx, weights, *, placement, batch_size: int = 512):
+def weighted_row_sum(table, idx, weights, *, placement, batch_size: int):
   """sum_j weights[q, j] table[idx[q, j]] for a row-sharded (N, C) `table` (inside jit).
 
   Each shard sums the rows it owns; one psum of (Q, C) partial sums adds the shards,

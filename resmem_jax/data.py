@@ -131,13 +131,19 @@ class Splits(NamedTuple):
   std: tuple[float, ...]  # per-channel pixel std
 
 
+def _pil_rgb(image: np.ndarray):
+  """(H, W, 1 or 3) uint8 as an RGB PIL image (grey made RGB)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (ImageNet only)
+  image = np.asarray(image, np.uint8)
+  return Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).convert("RGB")
+
+
 def _resize_centre_crop(image: np.ndarray, resize: int, size: int) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top  (ImageNet only)
-  img = Image.fromarray(np.asarray(image, np.uint8).squeeze(-1) if image.shape[-1] == 1
-                        else np.asarray(image, np.uint8))
+  img = _pil_rgb(image)
   scale = resize / min(img.size)
-  img = img.convert("RGB").resize((max(size, round(img.size[0] * scale)),
-                                   max(size, round(img.size[1] * scale))), Image.BILINEAR)
+  img = img.resize((max(size, round(img.size[0] * scale)),
+                    max(size, round(img.size[1] * scale))), Image.BILINEAR)
   left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
   return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
 
@@ -163,8 +169,7 @@ def random_resized_crop_flip(image: np.ndarray, size: int, rng: np.random.Genera
     (size, size, 3) uint8.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top  (ImageNet only)
-  img = Image.fromarray(np.asarray(image, np.uint8).squeeze(-1) if image.shape[-1] == 1
-                        else np.asarray(image, np.uint8)).convert("RGB")
+  img = _pil_rgb(image)
   width, height = img.size
   for _ in range(attempts):
     area = width * height * rng.uniform(*scale)
@@ -276,11 +281,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
   return images, bunch.target.astype(np.int32)
 
 
-def _read_source(source, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  examples = [source[int(i)] for i in indices]
-  images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
-  labels = np.asarray([e["label"] for e in examples], np.int32)
-  return images, labels
+def _read_images(source, indices: Sequence[int]) -> np.ndarray:
+  return np.stack([np.asarray(source[int(i)]["image"], np.uint8) for i in indices])
 
 
 def _read_labels(source) -> np.ndarray:
@@ -439,8 +441,8 @@ def load_splits(name: str = "mnist5k", *, val_size: int | None = None,
       splits = {k: SourceSplit(source, idx, labels[idx], image_size, resize)
                 for k, (source, labels, idx) in parts.items()}
     else:
-      splits = {k: ArraySplit(*_read_source(source, idx))
-                for k, (source, _, idx) in parts.items()}
+      splits = {k: ArraySplit(_read_images(source, idx), labels[idx])
+                for k, (source, labels, idx) in parts.items()}
     max_train = None  # already applied
   if max_train is not None and max_train < len(splits["train"]):
     tr = splits["train"]

@@ -30,10 +30,10 @@ SCALE_RANGE = (2.0 ** -126, 2.0 ** 126)
 
 
 def safe_scale(scale):
-  """A temperature or bandwidth > 0 as float32, clamped to SCALE_RANGE (a host number
-  is clamped before the cast, which would warn on overflow)."""
-  if isinstance(scale, (int, float, np.number)):
-    scale = float(np.clip(float(scale), *SCALE_RANGE))
+  """Temperatures or bandwidths > 0 as float32, clamped to SCALE_RANGE (host values,
+  numbers or sequences, are clamped before the cast: 1e300 would warn and become inf)."""
+  if not isinstance(scale, jax.Array):
+    scale = np.clip(np.asarray(scale, np.float64), *SCALE_RANGE)
   return jnp.clip(jnp.asarray(scale, jnp.float32), *SCALE_RANGE)
 
 

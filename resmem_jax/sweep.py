@@ -36,8 +36,9 @@ import numpy as np
 
 from resmem_jax import _validation as v
 from resmem_jax.kernels import sharded
-from resmem_jax.memory import (SCALE_RANGE, Memory, build_memory, check_labels, check_memory,
-                               check_queries, check_temperature, tempered_softmax)
+from resmem_jax.memory import (Memory, build_memory, check_labels, check_memory,
+                               check_queries, check_temperature, safe_scale,
+                               tempered_softmax)
 from resmem_jax.predict import (DEFAULT_QUERY_CHUNK, bandwidth, check_k_exclude, check_sigma,
                                 search_chunks, shift_to_nearest)
 
@@ -167,7 +168,7 @@ def _classification_scores(dist, idx, zq, yq, mem_logits, mem_labels, sigmas, la
   Shapes: knn (S, n_k), resmem (S, n_k, T), knn_lm (S, n_k, T, L), deepnet (T,).
   """
   n_classes = zq.shape[-1]
-  temps = jnp.asarray(np.clip(temperatures, *SCALE_RANGE), jnp.float32)  # 1e300: no inf
+  temps = safe_scale(temperatures)
   weights = _prefix_weights(dist, sigmas, ks)  # (S, n_k, K)
   onehot = jax.nn.one_hot(mem_labels[idx], n_classes, dtype=jnp.float32)  # (K, C)
   neigh = tempered_softmax(mem_logits[idx][None], temps[:, None, None])  # (T, K, C)
@@ -372,7 +373,7 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
   outputs = base_outputs.reshape(n_q, n_out)
   targets = targets if meta.task == "classification" else targets.reshape(n_q, n_out)
   valid = np.ones(n_q, bool)
-  sigma_arr = jnp.asarray(np.clip(sigmas, *SCALE_RANGE), jnp.float32)  # as `bandwidth`
+  sigma_arr = bandwidth(sigmas)
   lam_arr = jnp.asarray(lams, jnp.float32)
   regression = meta.task == "regression"
   totals = None

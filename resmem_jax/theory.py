@@ -57,8 +57,9 @@ slope -2/(d - 1) on a log-log plot, d - 1 being the intrinsic dimension of the s
 (d = 2: E[D_n^2] ~ 2 pi^2 / n^2). The curve drawn in figure 1 is the exact one,
 (||theta*|| - L)^2 / d * E[D_n^2]; the same argument on the cube gives the slope -2/d,
 and on the Gaussian for d >= 3 (at d <= 2 its tails dominate and there is no power law:
-`resmem_slope_theory` gives None), but no closed-form curve here. Assumptions: noise = 0, Delta independent of the test point's neighbourhood
-(exact as n -> inf), exact neighbours.
+`resmem_slope_theory` gives None), but no closed-form curve here. Assumptions: noise =
+0, Delta independent of the test point's neighbourhood (exact as n -> inf), exact
+neighbours.
 
 With noise sigma_eps and k equally weighted neighbours the error is
 <Delta, u_bar> + eps_bar, u_bar the mean offset of the k neighbours, with

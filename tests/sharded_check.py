@@ -14,11 +14,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import resmem_jax as rm  # noqa: E402
 from resmem_jax.kernels import sharded  # noqa: E402
+from resmem_jax.sweep import _grid_sums  # noqa: E402
 
 
 def same(a, b, what):
@@ -89,8 +91,6 @@ def check_sweep_scratch(mesh):
   """A sweep over a row-sharded memory gathers its neighbour rows per batch of queries,
   within the grid budget, as one device does: it gathered a whole chunk's (Q, k, C)
   rows at once (12 GiB of scratch per device at Q = 32768, k = 50, C = 1000)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from resmem_jax.sweep import _grid_sums  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   n, c, q, k = 128, 1000, 32768, 50
   mem = rm.build_memory(rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, c, n),
