@@ -27,7 +27,8 @@ Placing a memory over the devices of a TPU pod slice (or GPUs, or fake CPU devic
 On several hosts, build the global array from each host's rows with
 `jax.make_array_from_process_local_data(NamedSharding(mesh, P("data", None)), local_rows)`
 instead of `device_put`, and give every host the same queries (NumPy, or on any of its
-own devices: `put` places them); tests/multihost_check.py runs this on two processes.
+own devices: `put` places them, after checking that every process holds the same
+values); tests/multihost_check.py runs this on two processes.
 The row count must be a multiple of the number of shards (JAX refuses uneven row
 shardings; pad or trim the memory). A mesh with more axes works too: split the rows over any
 of its axes (`P(("data", "model"), None)`); the other axes hold replicas.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -122,14 +124,65 @@ def committed(x) -> bool:
   return _concrete(x) and x.committed
 
 
-def put(x, sharding: NamedSharding):
+@jax.jit
+def _fingerprint(x) -> jax.Array:
+  """Two 32-bit position-weighted sums of the bits of `x` (wrapping): equal on equal
+  arrays, and on unequal ones of one shape and dtype with probability about 2^-64."""
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize < 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    bits = bits.astype(jnp.uint32)
+  else:  # 4 bytes: one uint32 each; 8 bytes: two (a trailing axis)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  bits = bits.reshape(-1)
+  position = jnp.arange(bits.size, dtype=jnp.uint32)
+  odd = [position * jnp.uint32(m) + jnp.uint32(a) | jnp.uint32(1)
+         for m, a in ((2654435761, 0x9E3779B9), (2246822519, 0x85EBCA6B))]
+  return jnp.stack([jnp.sum(bits * w, dtype=jnp.uint32) for w in odd])
+
+
+def check_same_on_every_process(x, what: str = "an input") -> None:
+  """Raises ValueError, on every process alike, unless all processes hold the same `x`.
+
+  An array that this process holds (NumPy, or on its own devices) and that becomes
+  part of a global array must have one value everywhere: each process supplies the
+  parts its devices hold, so differing copies would make an array that is neither,
+  and a search over it silently wrong. `jax.device_put` checks NumPy input (gathering
+  the whole array, and printing it in its error), but `put` places an array on this
+  process's devices without it. Here every process gathers every process's
+  fingerprint (`_fingerprint`, with the shape and dtype): a few bytes each.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  local = jax.local_devices()[0]
+  data = x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x), local)
+  shape = np.shape(x)
+  dtype = zlib.crc32(str(np.dtype(data.dtype)).encode())
+  mine = np.concatenate([np.asarray(_fingerprint(data)),
+                         np.uint32([dtype, len(shape), *shape[:8], *[0] * (8 - len(shape))])])
+  prints = np.asarray(multihost_utils.process_allgather(mine))
+  differ = [i for i in range(len(prints)) if not np.array_equal(prints[i], prints[0])]
+  if differ:
+    raise ValueError(
+        f"the values of {what} (shape {shape}) differ between processes: processes "
+        f"{differ} hold others than process 0. Every process must pass the same values "
+        f"for an array it holds alone and that is placed over all of them (JAX's rule "
+        f"for replicated inputs), or build a global array from each process's rows with "
+        f"jax.make_array_from_process_local_data.")
+
+
+def put(x, sharding: NamedSharding, what: str = "an input"):
   """`jax.device_put(x, sharding)`, also where `sharding` spans several processes and
   `x` is held by this process alone, committed to one of its devices (a model's
   output, say), which device_put refuses (it would be a transfer between hosts).
-  Every process then places its own parts of `x`: as for NumPy input, every process
-  must pass the same values (JAX's multi-process rule for replicated inputs)."""
-  if _concrete(x) and x.is_fully_addressable and not sharding.is_fully_addressable:
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  Every process then places its own parts of `x`, so every process must pass the same
+  values (JAX's multi-process rule for replicated inputs): checked, for NumPy input
+  too (`check_same_on_every_process`)."""
+  if (not sharding.is_fully_addressable and not isinstance(x, jax.core.Tracer)
+      and not (isinstance(x, jax.Array) and not x.is_fully_addressable)):
+    check_same_on_every_process(x, what)
+    if _concrete(x):
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.device_put(x, sharding)
 
 
@@ -159,7 +212,7 @@ def to_keys(queries, keys):
       or row_axes(keys) is not None):
     return queries
   where = rows_like(keys)
-  return queries if where is None else put(queries, where)
+  return queries if where is None else put(queries, where, "queries")
 
 
 def n_shards(mesh, axes: tuple[str, ...]) -> int:
@@ -179,8 +232,8 @@ def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, bloc
   if isinstance(keys, jax.core.Tracer):  # typed as split already: replicate the queries
     queries = jax.sharding.reshard(queries, NamedSharding(mesh, P()))
   else:
-    keys = put(keys, NamedSharding(mesh, P(axes, None)))
-    queries = put(queries, NamedSharding(mesh, P()))
+    keys = put(keys, NamedSharding(mesh, P(axes, None)), "keys")
+    queries = put(queries, NamedSharding(mesh, P()), "queries")
   return _knn_sharded(queries, keys, magnitude, k=k, metric=metric,
                       implementation=implementation, block_sizes=block_sizes, mesh=mesh,
                       axes=axes)

@@ -283,7 +283,8 @@ def build_memory(embeddings: Float[Array, "N D"],
   placed = sharded.row_axes(keys) is not None or sharded.committed(keys)
   where = sharded.rows_like(keys) if placed else None
   if where is not None:
-    targets, outputs = (sharded.put(x, where) for x in (targets, outputs))
+    targets, outputs = (sharded.put(x, where, name) for x, name in
+                         ((targets, "targets"), (outputs, "base_outputs")))
   res = _residuals_jit(targets, outputs, task=task, temperature=temperature)
   _check_regression_residuals(res, task)
   if where is not None:
@@ -300,10 +301,10 @@ def _check_regression_residuals(res, task: str) -> None:
                      "the targets")
 
 
-def _put_rows(x, mesh: jax.sharding.Mesh, axes: tuple[str, ...]):
+def _put_rows(x, mesh: jax.sharding.Mesh, axes: tuple[str, ...], what: str):
   """`x` with its rows split over mesh axes `axes`, trailing axes replicated."""
   spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
-  return sharded.put(x, jax.sharding.NamedSharding(mesh, spec))
+  return sharded.put(x, jax.sharding.NamedSharding(mesh, spec), what)
 
 
 @functools.partial(jax.jit, static_argnames=("task", "temperature"))
@@ -347,7 +348,7 @@ def shard_memory(mem: Memory, mesh: jax.sharding.Mesh,
     raise ValueError(f"the memory's N={mem.size} rows must split evenly over the {shards} "
                      f"devices of mesh axis {axis!r}; pad or trim it to a multiple of {shards}")
 
-  return mem._replace(**{name: _put_rows(getattr(mem, name), mesh, axes)
+  return mem._replace(**{name: _put_rows(getattr(mem, name), mesh, axes, f"mem.{name}")
                          for name in ("keys", "residuals", "outputs", "targets")})
 
 

@@ -194,9 +194,9 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
   n_q = embeddings.shape[0]
   search_k = k + (exclude is not None)
 
-  def chunk_of(x, start, stop, rows, where):
+  def chunk_of(x, start, stop, rows, where, what="a per-query input"):
     x = pad_rows(x[start:stop], rows)
-    return x if where is None or v.is_traced(x) else sharded.put(x, where)
+    return x if where is None or v.is_traced(x) else sharded.put(x, where, what)
 
   for start in range(0, n_q, query_chunk):
     stop = min(start + query_chunk, n_q)
@@ -208,7 +208,7 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
     if exclude is not None:
       res = _drop_excluded_jit(
           res.distances, res.indices,
-          jnp.asarray(chunk_of(exclude, start, stop, rows, where), jnp.int32), n=mem.size)
+          jnp.asarray(chunk_of(exclude, start, stop, rows, where, "exclude"), jnp.int32), n=mem.size)
     yield stop - start, res, tuple(chunk_of(x, start, stop, rows, where) for x in extra)
 
 

@@ -152,6 +152,23 @@ def main():
   else:
     raise AssertionError("a process-local memory must not save on several processes")
   assert sorted(os.listdir(shared)) == ["memory"], os.listdir(shared)
+
+  # Queries, labels or logits that differ between processes would build global arrays
+  # that are neither: every process raises alike (none is left waiting in a
+  # collective), for NumPy input and for arrays on one of this process's devices.
+  other = queries + np.float32(jax.process_index())
+  for call, how in ((lambda: rm.knn(other, from_rows, 3), "NumPy queries"),
+                    (lambda: rm.knn(local(other), from_rows, 3), "committed queries"),
+                    (lambda: rm.predict(spread, queries, local(q_logits + other[:, :5]), k=3,
+                                        sigma=0.5), "committed logits"),
+                    (lambda: rm.build_memory(from_rows, labels, logits + jax.process_index()),
+                     "NumPy logits")):
+    try:
+      call()
+    except ValueError as e:
+      assert "differ between processes: processes [1] hold" in str(e), (how, e)
+    else:
+      raise AssertionError(f"{how} that differ between processes must raise")
   print(f"MULTIHOST OK {jax.process_index()}")
 
 

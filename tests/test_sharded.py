@@ -41,3 +41,32 @@ def test_one_device_mesh_runs_the_sharded_path_with_the_same_result():
   got, want = rm.knn(queries, placed, 5), rm.knn(queries, keys, 5)
   np.testing.assert_array_equal(got.indices, want.indices)
   np.testing.assert_array_equal(got.distances, want.distances)
+
+
+def test_fingerprint_tells_apart_arrays_that_differ_in_one_bit():
+  """The multi-process check compares these fingerprints: equal arrays agree, and one
+  flipped bit anywhere or a swap of two entries changes them, for every dtype the
+  memory takes (shapes and dtypes are compared beside them)."""
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=(37, 16)).astype(np.float32)
+  arrays = [base, base.astype(jax.numpy.bfloat16), rng.integers(0, 5, 37).astype(np.int32),
+            rng.integers(0, 5, 37).astype(np.int8), base > 0]
+  for x in arrays:
+    want = np.asarray(sharded._fingerprint(x))  # pylint: disable=protected-access
+    assert want.shape == (2,) and want.dtype == np.uint32
+    np.testing.assert_array_equal(sharded._fingerprint(np.copy(x)), want)  # pylint: disable=protected-access
+    flat = np.copy(x).reshape(-1)
+    swapped = flat.copy()
+    j = int(np.argmax(flat != flat[0]))  # an entry unlike the first
+    swapped[[0, j]] = swapped[[j, 0]]
+    changed = [swapped]
+    if x.dtype == np.bool_:
+      changed.append(~flat)
+    else:
+      for i in (0, flat.size // 2, flat.size - 1):
+        bits = flat.copy().view(f"u{flat.dtype.itemsize}")
+        bits[i] ^= 1
+        changed.append(bits.view(flat.dtype))
+    for y in changed:
+      got = np.asarray(sharded._fingerprint(y.reshape(x.shape)))  # pylint: disable=protected-access
+      assert not np.array_equal(got, want), (x.dtype, got, want)
