@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 from typing import Callable
 
@@ -61,8 +62,15 @@ def query_bucket(n: int) -> int:
 
 
 # Platforms where the Pallas kernel, picked by `implementation=None`, failed to compile
-# or run in this process: the default there is the XLA path from then on.
+# or run in this process, or disagreed with the XLA path on the check problem: the
+# default there is the XLA path from then on.
 _PALLAS_FAILED: set[str] = set()
+# Kernel configurations (platform, metric, k, D, tiles) that passed the check problem
+# in this process (`_check_kernel`).
+_PALLAS_CHECKED: set[tuple] = set()
+# The check problem: query and key counts past whole tiles of every default tiling
+# (query tiles of 32, 64 or 128 rows, key tiles of 32 to 512), at least 4 * 256 keys.
+_CHECK_QUERIES, _CHECK_KEYS = 131, 1061
 
 
 def _platform() -> str:
@@ -421,25 +429,85 @@ def scale_and_mean(queries, keys, magnitude, metric: str):
   return scale, key_mean(keys, metric, scale)
 
 
-def _default_kernel_or_xla(search: Callable, *arrays):
+class KernelMismatch(RuntimeError):
+  """The Pallas kernel's neighbours differ from the XLA path's on the check problem."""
+
+
+def _check_kernel(k: int, dim: int, metric: str, block_sizes: BlockSizes | None) -> None:
+  """Raises KernelMismatch unless the Pallas kernel returns the XLA path's neighbours
+  on a check problem with this (k, D, metric, tiles): `_CHECK_QUERIES` queries and
+  `_CHECK_KEYS` keys of small integers (-3 to 3), ragged against every default tile.
+
+  Every distance and inner product of such data is an integer that float32 holds
+  exactly, and many of them tie: both searches are exact (the certificate sends
+  rows it cannot prove to the direct search), so their indices and distances must be
+  equal, ties lower index first, whatever each rounds on the way. A kernel that
+  compiles on a chip but computes something else there (a lowering bug, a chip
+  generation it was never run on) is caught before it answers a caller. Runs eagerly
+  in a thread of its own (JAX's tracing state is per thread), so also while an outer
+  `jax.jit` traces the caller.
+  """
+  rng = np.random.default_rng(0)
+  queries = rng.integers(-3, 4, (_CHECK_QUERIES, dim)).astype(np.float32)
+  keys = rng.integers(-3, 4, (_CHECK_KEYS, dim)).astype(np.float32)
+  # A caller with few keys may have fewer candidates than k + margin; here k keeps
+  # within the kernel's slots.
+  limit = _pallas_knn.max_k(_pallas_knn.backend_for(_platform()), metric)
+  k = max(j for j in range(1, k + 1) if n_candidates(j, _CHECK_KEYS) <= limit)
+  outcome = {}
+
+  def search_both():
+    try:
+      outcome["results"] = [
+          jax.device_get(knn(queries, keys, k, metric=metric, implementation=implementation,
+                             block_sizes=block_sizes if implementation == "pallas" else None))
+          for implementation in ("pallas", "xla")]
+    except Exception as err:  # noqa: BLE001 - re-raised in the caller's thread
+      outcome["error"] = err
+
+  thread = threading.Thread(target=search_both, name="rm.knn kernel check")
+  thread.start()
+  thread.join()
+  if "error" in outcome:
+    raise outcome["error"]
+  got, want = outcome["results"]
+  rows = np.flatnonzero(np.any((got.indices != want.indices)
+                               | (got.distances != want.distances), axis=1))
+  if rows.size:
+    raise KernelMismatch(
+        f"{rows.size} of {_CHECK_QUERIES} rows of a check problem (small-integer data, "
+        f"{_CHECK_KEYS} keys, d={dim}, k={k}, {metric}) differ from the XLA path's, "
+        f"first row {rows[0]}: {got.indices[rows[0]].tolist()} against "
+        f"{want.indices[rows[0]].tolist()}")
+
+
+def _default_kernel_or_xla(search: Callable, queries, keys, *, k: int, metric: str,
+                           block_sizes: BlockSizes | None):
   """`search` with the Pallas kernel, or with the XLA path if the kernel fails here.
 
   The kernel is the default on GPU and TPU but has not been compiled on every chip
-  generation with every jax; when it was picked by default, a failure to compile or
-  run must not stop the caller's search. It is reported once as a warning, and the
+  generation with every jax. So, when it was picked by default, each configuration
+  (k, D, metric, tiles) is first checked on a small exact problem (`_check_kernel`,
+  once per process), and a failure to compile, to run, or to agree with the XLA path
+  there must not stop the caller's search: it is reported once as a warning, and the
   platform's default becomes the XLA path for the rest of the process. Under an outer
-  `jax.jit` a compile error only comes when the caller compiles, out of reach here:
-  it is raised as it is. So is the device running out of memory: that depends on what
-  else the process holds, not on the kernel, and switching to the slower path for the
-  rest of the process would outlast it; the remedy (smaller batches, freed buffers) is
-  the caller's.
+  `jax.jit` the check still runs (on its own data); a compile error of the caller's
+  own program only comes when the caller compiles, out of reach here, and is raised
+  as it is. So is the device running out of memory: that depends on what else the
+  process holds, not on the kernel, and switching to the slower path for the rest of
+  the process would outlast it; the remedy (smaller batches, freed buffers) is the
+  caller's.
   """
-  if any(v.is_traced(x) for x in arrays):
-    return search(implementation="pallas")
+  config = (_platform(), metric, k, queries.shape[1], block_sizes)
+  traced = v.is_traced(queries) or v.is_traced(keys)
   try:
-    out = search(implementation="pallas")
-    jax.block_until_ready(out)  # a failure while running surfaces here, not later
-    return out
+    if config not in _PALLAS_CHECKED:
+      _check_kernel(k, queries.shape[1], metric, block_sizes)
+      _PALLAS_CHECKED.add(config)
+    if not traced:
+      out = search(implementation="pallas")
+      jax.block_until_ready(out)  # a failure while running surfaces here, not later
+      return out
   except Exception as err:  # noqa: BLE001 - whatever the compiler or runtime raised
     if _is_device_out_of_memory(err):
       raise
@@ -452,6 +520,7 @@ def _default_kernel_or_xla(search: Callable, *arrays):
         f"XLA path on {platform} from now on. Pass implementation='pallas' to see the "
         f"whole error, or implementation='xla' to skip the kernel.", stacklevel=3)
     return search(implementation="xla")
+  return search(implementation="pallas")  # traced: compiled with the caller's program
 
 
 def _is_device_out_of_memory(err: Exception) -> bool:
@@ -557,9 +626,10 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     metric: "l2" (Euclidean) or "ip" (negated inner product).
     implementation: None picks the best for the platform (the Pallas kernel on GPU/TPU
       where it supports the problem, the blocked XLA search otherwise, the reference
-      for tiny inputs; if the kernel picked this way fails to compile or run, other
-      than by the device running out of memory, a warning says so and the XLA path
-      is used from then on); or one of "reference", "xla", "pallas", "direct" (O(QND)
+      for tiny inputs; the kernel picked this way is first checked against the XLA
+      path on a small exact problem, once per configuration, and if it fails to
+      compile or run there or here, other than by the device running out of memory,
+      or disagrees, a warning says so and the XLA path is used from then on); or one of "reference", "xla", "pallas", "direct" (O(QND)
       elementwise, exact without a certificate; the fallback, never the default).
       "reference" forms the whole (Q, N) score matrix: for small inputs and tests only.
     block_sizes: tiling of the blocked search; `BlockSizes.get_default(k, D)` if None.
@@ -638,7 +708,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   search = functools.partial(_search, queries, keys, k, metric=metric,
                              block_sizes=block_sizes, query_mesh=mesh, magnitude=magnitude)
   if chosen and implementation == "pallas":
-    distances, indices, certified = _default_kernel_or_xla(search, queries, keys)
+    distances, indices, certified = _default_kernel_or_xla(
+        search, queries, keys, k=k, metric=metric, block_sizes=block_sizes)
   else:
     distances, indices, certified = search(implementation=implementation)
   distances, indices = _redo_uncertified(queries, keys, k, metric, distances, indices,

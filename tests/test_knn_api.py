@@ -245,6 +245,7 @@ def broken_default_kernel(monkeypatch):
       is_supported=lambda **_: True, backend_for=lambda platform: "tpu",
       max_k=lambda backend, metric: 256, uses_pairs=lambda *_: False))
   monkeypatch.setattr(api, "_PALLAS_FAILED", set())
+  monkeypatch.setattr(api, "_PALLAS_CHECKED", set())
   monkeypatch.setitem(IMPLEMENTATIONS, "pallas", _kernel_that_does_not_compile(calls))
   return calls
 
@@ -315,12 +316,88 @@ def test_a_kernel_asked_for_by_name_raises_its_error(broken_default_kernel):
   assert not api._PALLAS_FAILED
 
 
-def test_under_an_outer_jit_the_kernel_error_is_raised(broken_default_kernel):
+def test_under_an_outer_jit_the_check_problem_still_catches_the_kernel(broken_default_kernel):
+  """The check runs eagerly on its own data while jit traces the caller: a kernel
+  that does not compile fails there, and the caller's program gets the XLA path."""
   queries, keys = _data(n_q=300, n=700, dim=6)
   search = jax.jit(lambda q, x: resmem_jax.knn(q, x, 5).indices)
-  with pytest.raises(NotImplementedError, match="no Mosaic lowering"):
+  with pytest.warns(UserWarning, match="NotImplementedError: no Mosaic lowering"):
+    got = search(queries, keys)
+  np.testing.assert_array_equal(
+      got, resmem_jax.knn(queries, keys, 5, implementation="xla").indices)
+  assert api._PALLAS_FAILED == {"tpu"} and len(broken_default_kernel) == 1
+
+
+def test_under_an_outer_jit_an_error_of_the_callers_program_is_raised(
+    broken_default_kernel, monkeypatch):
+  """A kernel that passes the check problem but fails to compile in the caller's own
+  program fails when the caller compiles, out of the wrapper's reach: raised as is."""
+  calls = []
+
+  def fails_beyond_the_check(queries, keys, k, *, metric, block_sizes, centring):
+    calls.append(keys.shape[0])
+    if keys.shape[0] != api._CHECK_KEYS:
+      raise NotImplementedError("no Mosaic lowering for this shape")
+    return knn_xla(queries, keys, k, metric=metric, centring=centring)
+
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas", fails_beyond_the_check)
+  queries, keys = _data(n_q=300, n=700, dim=6)
+  search = jax.jit(lambda q, x: resmem_jax.knn(q, x, 5).indices)
+  with pytest.raises(NotImplementedError, match="for this shape"):
     search(queries, keys)
-  assert not api._PALLAS_FAILED
+  assert calls == [api._CHECK_KEYS, 700] and not api._PALLAS_FAILED
+
+
+def test_a_kernel_that_disagrees_with_xla_on_the_check_problem_is_not_used(
+    broken_default_kernel, monkeypatch):
+  """A kernel that compiles and runs but skips keys (with their true scores, which the
+  certificate cannot see) is caught by the exact check problem before it answers."""
+  calls = []
+
+  def skips_the_last_keys(queries, keys, k, *, metric, block_sizes, centring):
+    calls.append(keys.shape[0])
+    return knn_xla(queries, keys[:-100], k, metric=metric, centring=centring)
+
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas", skips_the_last_keys)
+  queries, keys = _data(n_q=300, n=700, dim=6)
+  with pytest.warns(UserWarning, match=r"KernelMismatch: \d+ of 131 rows of a check problem"):
+    got = resmem_jax.knn(queries, keys, 5, metric="ip")
+  want = resmem_jax.knn(queries, keys, 5, metric="ip", implementation="xla")
+  np.testing.assert_array_equal(got.indices, want.indices)
+  np.testing.assert_array_equal(got.distances, want.distances)
+  assert calls == [api._CHECK_KEYS] and api._PALLAS_FAILED == {"tpu"}
+
+
+def test_a_kernel_that_agrees_is_checked_once_per_configuration(broken_default_kernel,
+                                                                   monkeypatch):
+  """The real kernel (interpreted) passes the check; a second call with the same k, D
+  and metric is not checked again, another k is."""
+  if "pallas" not in api.KNOWN_IMPLEMENTATIONS or api._pallas_knn is None:
+    pytest.skip("the Pallas kernel is not installed here")
+  from resmem_jax.kernels import pallas_knn  # pylint: disable=g-import-not-at-top
+  traced, checked = [], []  # keys of each kernel trace; k of each check
+  check = api._check_kernel
+
+  def counted(queries, keys, k, **kwargs):
+    traced.append(keys.shape[0])
+    return pallas_knn.knn_pallas(queries, keys, k, **kwargs)
+
+  def counted_check(k, *args):
+    checked.append(k)
+    return check(k, *args)
+
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas", counted)
+  monkeypatch.setattr(api, "_check_kernel", counted_check)
+  queries, keys = _data(n_q=40, n=700, dim=6)
+  want = {k: resmem_jax.knn(queries, keys, k, implementation="xla") for k in (3, 4)}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for k in (3, 3, 4):
+      got = resmem_jax.knn(queries, keys, k)
+      np.testing.assert_array_equal(got.indices, want[k].indices)
+  assert checked == [3, 4], checked
+  assert traced == [api._CHECK_KEYS, 700] * 2, traced
+  assert not api._PALLAS_FAILED and len(api._PALLAS_CHECKED) == 2
 
 
 # --------------------------------------------------------------------------------------
