@@ -130,7 +130,7 @@ def plot_neighbours(*, query_images: np.ndarray, query_labels: np.ndarray,
                     base_pred: np.ndarray, resmem_pred: np.ndarray,
                     neighbour_images: np.ndarray, neighbour_labels: np.ndarray,
                     weights: np.ndarray, k: int | None = None,
-                    class_names: Sequence[str] | None = None,
+                    class_names: Sequence[str] | None = None, title: str = "",
                     path: str | None = None):
   """A grid: each row a test image, then its nearest training images with weights.
 
@@ -142,6 +142,7 @@ def plot_neighbours(*, query_images: np.ndarray, query_labels: np.ndarray,
     weights: (R, k) their residual weights w_j (softmax of -d / sigma).
     k: the number of neighbours ResMem uses, when more than the ones drawn.
     class_names: optional names of the classes.
+    title: a first line for the figure's title: how the rows were chosen, say.
     path: if given, the figure is also saved there as a PNG.
 
   Returns:
@@ -166,7 +167,8 @@ def plot_neighbours(*, query_images: np.ndarray, query_labels: np.ndarray,
                                fontsize=8)
   which = (f"the {shown} nearest of ResMem's k={k}" if k and k > shown
            else "nearest")
-  fig.suptitle("test image (left): label, DeepNet / ResMem prediction;\n"
+  fig.suptitle((f"{title}\n" if title else "")
+               + "test image (left): label, DeepNet / ResMem prediction;\n"
                f"{which} training images in embedding space, with residual weights w",
                fontsize=9)
   return _save(fig, path, dpi=100)

@@ -844,7 +844,7 @@ def plot_risk_vs_capacity(results: dict[str, Any], path: str | None = None):
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
   fig.suptitle(rf"Risk against capacity ($\|\theta^*\|$={curves[0]['theta_norm']:g}): "
-               "ResMem's gain is largest for the smallest models", fontsize=10)
+               "ResMem's absolute gain is largest for the smallest models", fontsize=10)
   return _save(fig, path)
 
 

@@ -476,17 +476,30 @@ def load_splits(config: ml_collections.ConfigDict) -> data_lib.Splits:
       max_train=config.get("max_train"))
 
 
+def picture_rows(fixed: np.ndarray, broken: np.ndarray, n_test: int, rows: int
+                 ) -> tuple[np.ndarray, str]:
+  """The test examples the neighbours picture shows, and a caption saying how they
+  were chosen: what the memory changed, as many of ResMem's fixes as of its breaks
+  where both exist (an odd row goes to the fixes), then the first test examples."""
+  n_broken = min(len(broken), rows // 2)
+  n_fixed = min(len(fixed), rows - n_broken)
+  n_broken = min(len(broken), rows - n_fixed)
+  order = np.concatenate([fixed[:n_fixed], broken[:n_broken], np.arange(n_test)])
+  _, keep = np.unique(order, return_index=True)
+  chosen = order[np.sort(keep)][:rows]
+  others = len(chosen) - n_fixed - n_broken
+  caption = (f"{n_fixed} of the {len(fixed)} test images ResMem fixed, {n_broken} of the "
+             f"{len(broken)} it broke" + (f", {others} others" if others else ""))
+  return chosen, caption
+
+
 def _neighbour_picture(path, config, splits, outputs, stage, fixed_broken) -> str | None:
   import resmem_jax as rm  # pylint: disable=g-import-not-at-top
   rows = int(config.analysis.get("num_examples", 0))
   if rows <= 0:
     return None
-  # ResMem's fixes first, then its breaks, then the first test examples: the picture
-  # is about what the memory changed.
-  order = np.concatenate([fixed_broken["fixed"], fixed_broken["broken"],
-                          np.arange(len(splits.test))])
-  _, keep = np.unique(order, return_index=True)
-  chosen = order[np.sort(keep)][:rows]
+  chosen, caption = picture_rows(fixed_broken["fixed"], fixed_broken["broken"],
+                                 len(splits.test), rows)
   best = stage["best"]
   res = rm.knn(jnp.asarray(outputs["test"][1][chosen]), jnp.asarray(outputs["train"][1]),
                best["k"])
@@ -501,7 +514,7 @@ def _neighbour_picture(path, config, splits, outputs, stage, fixed_broken) -> st
       base_pred=preds["deepnet"][chosen], resmem_pred=preds["resmem"][chosen],
       neighbour_images=n_images.reshape(*idx.shape, *n_images.shape[1:]),
       neighbour_labels=n_labels.reshape(idx.shape), weights=weights[:, :shown],
-      k=best["k"], path=path)
+      k=best["k"], title=caption, path=path)
   return path
 
 

@@ -432,3 +432,19 @@ def test_resmem_stage_on_a_tiny_run(tmp_path):
       ks=(5,), sigmas=(best["sigma"],), temperatures=(best["temperature"],),
       relative_sigma=False)
   assert absolute["sigma_scale"] == 1.0 and absolute["best"]["sigma"] == best["sigma"]
+
+
+@pytest.mark.parametrize("n_fixed,n_broken,rows,want_fixed,want_broken", [
+    (19, 7, 6, 3, 3), (19, 7, 5, 3, 2), (3, 1, 6, 3, 1), (0, 4, 3, 0, 3), (0, 0, 2, 0, 0)])
+def test_the_neighbours_picture_shows_fixes_and_breaks_alike(n_fixed, n_broken, rows,
+                                                             want_fixed, want_broken):
+  """It showed ResMem's fixes first: with 19 fixes and 7 breaks, six rows of fixes and
+  a title that did not say how they were chosen."""
+  fixed, broken = np.arange(10, 10 + n_fixed), np.arange(50, 50 + n_broken)
+  chosen, caption = train.picture_rows(fixed, broken, 100, rows)
+  assert len(chosen) == rows and len(set(chosen.tolist())) == rows
+  assert np.isin(chosen, fixed).sum() == want_fixed
+  assert np.isin(chosen, broken).sum() == want_broken
+  others = rows - want_fixed - want_broken
+  assert caption == (f"{want_fixed} of the {n_fixed} test images ResMem fixed, {want_broken} "
+                     f"of the {n_broken} it broke" + (f", {others} others" if others else ""))
