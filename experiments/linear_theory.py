@@ -3,7 +3,8 @@ r"""ResMem on the stylized linear regression: risk curves against n, L and noise
 Draws the three figures of `resmem_jax.theory` (see its docstring for the maths) and
 writes them with the numbers to --workdir:
 
-  results.json            {"config", "curves": [...], "seconds", "backend", "jax", "hardware"}
+  results.json            {"config", "curves": [...], "seconds", "backend", "jax", "hardware",
+                          "provenance"}
   risk_vs_n.png           figure 1: base and ResMem risk against n, d in {2, 3, 4, 8}
   risk_vs_capacity.png    figure 2: risk against the base model's norm bound L
   noise.png               figure 3: noisy labels, k = 1 against k growing with n

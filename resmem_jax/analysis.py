@@ -8,10 +8,13 @@ Figure, which a notebook displays, and saves a PNG when given a `path`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import json
 import math
 import os
+import platform
+import subprocess
 import uuid
 from typing import Any, Sequence
 
@@ -425,6 +428,34 @@ def hardware() -> dict[str, Any]:
   device = jax.devices()[0]
   return {"platform": device.platform, "device_kind": device.device_kind,
           "cpu_count": os.cpu_count()}
+
+
+def provenance() -> dict[str, Any]:
+  """What produced an experiment's numbers, for its JSON: the package versions and, in
+  a git checkout of this library, its commit and whether the tree had changes (None
+  for both elsewhere, e.g. a pip-installed copy)."""
+  versions = {"python": platform.python_version()}
+  for package in ("resmem_jax", "jax", "jaxlib", "flax", "optax", "numpy"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  here = os.path.dirname(os.path.abspath(__file__))
+
+  def git(*args) -> str | None:
+    try:
+      out = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                           timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+      return None
+    return out.stdout.strip()
+
+  top = git("rev-parse", "--show-toplevel")  # a checkout of this library, not another's
+  mine = top is not None and os.path.isfile(os.path.join(top, "kernels", "api.py"))
+  commit = git("rev-parse", "HEAD") if mine else None
+  status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+  return {"versions": versions, "git_commit": commit,
+          "git_dirty": None if status is None else bool(status)}
 
 
 def write_text(path: str, text: str) -> str:

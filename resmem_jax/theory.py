@@ -695,7 +695,7 @@ def run(config: ml_collections.ConfigDict,
 
   Returns:
     {"config": dict, "curves": [...], "seconds": float, "backend": str, "jax": str,
-    "hardware": dict}. Each curve has
+    "hardware": dict, "provenance": dict}. Each curve has
     figure, domain, d, d_eff, L, theta_norm, noise, k (int, or None when k grows with
     n), k_rule, k_per_n, sigma, n (list), base_risk / resmem_risk (mean over seeds, per
     n, on the n_test test points), *_std (their standard deviation over seeds),
@@ -717,7 +717,7 @@ def run(config: ml_collections.ConfigDict,
   return {"config": config.to_dict(), "curves": curves,
           "seconds": time.perf_counter() - start, "backend": jax.default_backend(),
           "jax": jax.__version__,
-          "hardware": analysis.hardware()}
+          "hardware": analysis.hardware(), "provenance": analysis.provenance()}
 
 
 # -------------------------------------------------------------------------- figures

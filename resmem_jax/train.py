@@ -524,8 +524,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Writes to `workdir`: metrics.jsonl (one JSON line per epoch), checkpoints/ (Orbax,
   every epoch), results.json (test accuracies of DeepNet, ResMem and the baselines,
-  the (k, sigma, T) chosen on validation, split sizes, timings), analysis.json
-  (examples fixed and broken, gain per class) and neighbours.png.
+  the (k, sigma, T) chosen on validation, split sizes, timings, package versions and
+  the library's git commit), analysis.json (examples fixed and broken, gain per
+  class) and neighbours.png.
 
   Args:
     config: an ml_collections config (see `resmem_jax.configs`).
@@ -598,6 +599,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    "embed": round(t_embed, 2), "resmem": round(t_resmem, 2),
                    "total": round(time.time() - t_start, 2)},
       "hardware": analysis_lib.hardware(),
+      "provenance": analysis_lib.provenance(),
       "config": config.to_dict(),
   }
   analysis_lib.write_json(os.path.join(workdir, "results.json"), results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -299,3 +300,19 @@ def test_neighbour_titles_do_not_cover_the_row_above():
   suptitle = fig._suptitle.get_window_extent(renderer)  # pylint: disable=protected-access
   assert all(suptitle.y0 >= axes[0, c].title.get_window_extent(renderer).y1
              for c in range(4))
+
+
+def test_provenance_names_the_versions_and_this_checkout(monkeypatch):
+  got = analysis.provenance()
+  assert got["versions"]["jax"] == jax.__version__
+  assert set(got["versions"]) >= {"python", "resmem_jax", "jaxlib", "flax", "numpy"}
+  if os.path.isdir(os.path.join(os.path.dirname(os.path.dirname(__file__)), ".git")):
+    assert re.fullmatch(r"[0-9a-f]{40}", got["git_commit"]), got
+    assert isinstance(got["git_dirty"], bool)
+
+  def no_git(*args, **kwargs):
+    raise FileNotFoundError("git")
+
+  monkeypatch.setattr(subprocess, "run", no_git)
+  got = analysis.provenance()
+  assert got["git_commit"] is None and got["git_dirty"] is None
