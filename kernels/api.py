@@ -635,7 +635,8 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
     block_sizes: tiling of the blocked search; `BlockSizes.get_default(k, D)` if None.
 
   Returns:
-    KnnResult(distances (Q, k) float32, indices (Q, k) int32). Distances float32
+    KnnResult(distances (Q, k) float32 (float64 when 64-bit mode is on and an input
+    is float64), indices (Q, k) int32). In a float32 search, distances float32
     cannot hold come back as 0 (below ~1e-38) or inf (above ~3e38); the indices keep
     the order of the scaled search's distances, so such zeros may list a higher index
     first. Input values below float32's smallest normal are read as 0 (XLA flushes

@@ -223,7 +223,8 @@ def build_memory(embeddings: Float[Array, "N D"],
       `targets`.
     task: "classification" or "regression".
     temperature: T > 0 of the classification residuals, a float or a concrete 0-d
-      array (stored). Checked but unused for regression, whose memory stores 1.0.
+      array (stored). Unused for regression, whose memory stores 1.0: a T > 0 is
+      checked, and None (`rm.sweep`'s best temperature for regression) is taken.
     fingerprint: optional string identifying the base model, e.g.
       `model_fingerprint({"params": ..., "batch_stats": ...})` of the variables the
       embeddings came from; stored and checked later by `predict` / `load_memory` when
@@ -507,11 +508,17 @@ def check_temperature(name: str, temperature) -> float:
 def _check_targets_outputs(targets, base_outputs, *, task, temperature, n,
                            targets_name="targets", outputs_name="base_outputs"):
   v.check_choice("task", task, TASKS)
+  if temperature is None and task == "regression":
+    temperature = 1.0  # what `rm.sweep`'s best settings hold for regression: unused
   temperature = check_temperature("temperature", temperature)
   targets = v.as_array(targets_name, targets)
   base_outputs = v.as_array(outputs_name, base_outputs)
   v.check_floating(outputs_name, base_outputs)
   if task == "classification":
+    if jnp.issubdtype(targets.dtype, jnp.floating):
+      raise TypeError(f"{targets_name} must have an integer dtype for task='classification' "
+                      f"(the default), got {targets_name}.dtype={targets.dtype}; pass "
+                      f"task='regression' for real-valued targets")
     v.check_integer(targets_name, targets)
     v.check_ndim(targets_name, targets, (1,), "an (N,) vector of int labels")
     v.check_ndim(outputs_name, base_outputs, (2,), "an (N, C) matrix of logits")
@@ -547,11 +554,16 @@ def check_labels(name: str, labels, n_classes: int) -> None:
 
   The range is reduced where the labels live (their rows may be split over devices or
   hosts); only when a label is out of range, and the array is all on this host, are
-  they copied here to name the first bad one."""
+  they copied here to name the first bad one. NumPy labels are measured as they are:
+  JAX, with 64-bit mode off, would wrap int64 labels to 32 bits on the way in, and
+  -2^63 (a "no label" marker) would pass as class 0."""
   if v.is_traced(labels) or labels.size == 0:
     return
-  with jax.ensure_compile_time_eval():  # concrete labels closed over by an outer jit
-    low, high = (int(x) for x in jax.device_get(_label_range(labels)))
+  if isinstance(labels, np.ndarray):
+    low, high = int(labels.min()), int(labels.max())
+  else:
+    with jax.ensure_compile_time_eval():  # concrete labels closed over by an outer jit
+      low, high = (int(x) for x in jax.device_get(_label_range(labels)))
   if 0 <= low and high < n_classes:
     return
   first = ""

@@ -123,6 +123,7 @@ def _check_grid(name: str, values, check) -> tuple:
 
 
 def _check_lam(name: str, lam) -> float:
+  lam = v.concrete_scalar(lam)  # a 0-d array, as the other grids take
   if isinstance(lam, bool) or not isinstance(lam, (int, float, np.number)):
     raise TypeError(f"{name} must be a float, got {name}={lam!r}")
   if not 0.0 <= float(lam) <= 1.0:
@@ -290,6 +291,9 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
   The held-out points' max(ks) nearest memory points are found once; every setting
   reuses them (the k nearest are a prefix), and the residuals at a temperature T are
   recomputed from the memory's stored logits, r_j(T) = onehot(y_j) - softmax(z_j / T).
+  So for classification `mem.residuals` is not read: a memory whose residuals were
+  edited or learned afterwards is scored as `build_memory` made it (`predict` uses
+  them; regression sweeps use the stored residuals too).
 
     resmem:  softmax(z / T) + sum_{j<k} w_j r_j(T)        w = softmax(-d_{<k} / sigma)
     deepnet: softmax(z / T)

@@ -190,6 +190,23 @@ def test_labels_closed_over_by_an_outer_jit_are_still_checked():
     jax.jit(lambda e: rm.build_memory(e, bad, z, task="classification"))(x)
 
 
+@pytest.mark.parametrize("bad", [np.iinfo(np.int64).min, 2**32 + 3, -2**32 + 1])
+def test_int64_labels_beyond_int32_are_out_of_range_not_wrapped(bad):
+  """With 64-bit mode off JAX narrows int64 to int32: the range check measured the
+  wrapped labels, and -2^63 (a "no label" marker) was stored as class 0, 2^32 + 3 as 3."""
+  x, y, z = _data()
+  labels = y.astype(np.int64)
+  labels[2] = bad
+  match = rf"targets must be labels in \[0, C=4\), got labels from .*first targets\[2\]={bad}"
+  with pytest.raises(ValueError, match=match):
+    rm.build_memory(x, labels, z, task="classification")
+  with pytest.raises(ValueError, match=match):
+    rm.residuals(labels, z, task="classification")
+  mem = rm.build_memory(x, y, z, task="classification")
+  with pytest.raises(ValueError, match=match):
+    rm.sweep(mem, x, z, labels, ks=(1,), sigmas=(1.0,))
+
+
 def test_model_fingerprint_tracks_values_and_structure():
   params = {"dense": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
   fp = rm.model_fingerprint(params)
@@ -349,3 +366,24 @@ def test_base_prediction_checks_task_and_temperature():
       rm.base_prediction(z, task="classification", temperature=t)
   np.testing.assert_allclose(rm.base_prediction(z, task="classification", temperature=1.0),
                              [[0.26894142, 0.7310586]], rtol=1e-6)
+
+
+def test_the_tuning_recipe_works_for_regression():
+  """The README builds the final memory with `best["temperature"]`, which sweep gives
+  as None for regression: build_memory refused it with a TypeError."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(30, 4)).astype(np.float32)
+  y, f = rng.normal(size=(2, 30, 2)).astype(np.float32)
+  best = rm.sweep(rm.build_memory(x, y, f, task="regression"), x[:10], f[:10], y[:10],
+                  ks=(1, 3), sigmas=(1.0,)).best["resmem"]
+  assert best["temperature"] is None
+  mem = rm.build_memory(x, y, f, task="regression", temperature=best["temperature"])
+  assert mem.meta == rm.build_memory(x, y, f, task="regression").meta
+  with pytest.raises(TypeError, match="temperature=None"):
+    rm.build_memory(x, rng.integers(0, 2, 30), f, temperature=None)
+
+
+def test_real_valued_targets_without_a_task_say_to_pass_regression():
+  x, _, z = _data()
+  with pytest.raises(TypeError, match="task='classification' .*pass task='regression'"):
+    rm.build_memory(x, np.linspace(0, 1, len(x)).astype(np.float32), z)

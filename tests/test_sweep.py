@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -364,3 +365,14 @@ def test_grids_may_be_arrays(cls_data):
   got = rm.sweep((x, y, z), xq, zq, yq, ks=np.array([1, 4]), sigmas=np.geomspace(0.25, 1.0, 2),
                  temperatures=jax.numpy.ones(1))
   assert got.table == want.table
+
+
+def test_every_grid_takes_0d_arrays(cls_data):
+  """ks, sigmas and temperatures took `jnp.float32(0.5)`-style settings; lams refused them."""
+  x, y, z, xq, yq, zq = cls_data
+  mem = rm.build_memory(x, y, z, task="classification", temperature=1.0)
+  plain = rm.sweep(mem, xq, zq, yq, ks=(1, 3), sigmas=(0.5,), temperatures=(1.0,),
+                   lams=(0.25, 0.5))
+  arrays = rm.sweep(mem, xq, zq, yq, ks=(np.int32(1), jnp.int32(3)), sigmas=(jnp.float32(0.5),),
+                    temperatures=(np.float64(1.0),), lams=(jnp.float32(0.25), np.float32(0.5)))
+  assert arrays.table == plain.table
