@@ -398,6 +398,14 @@ def test_a_kernel_that_agrees_is_checked_once_per_configuration(broken_default_k
   assert checked == [3, 4], checked
   assert traced == [api._CHECK_KEYS, 700] * 2, traced
   assert not api._PALLAS_FAILED and len(api._PALLAS_CHECKED) == 2
+  # Under an outer jit the check runs eagerly all the same (in a thread of its own: a
+  # check staged into the caller's trace could not read its results, and would fail).
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = jax.jit(lambda q, x: resmem_jax.knn(q, x, 5).indices)(queries, keys)
+  np.testing.assert_array_equal(
+      got, resmem_jax.knn(queries, keys, 5, implementation="xla").indices)
+  assert checked == [3, 4, 5] and not api._PALLAS_FAILED and len(api._PALLAS_CHECKED) == 3
 
 
 # --------------------------------------------------------------------------------------
