@@ -100,7 +100,8 @@ def main(argv=None):
         f"baselines) from one search; best ResMem: {sweep_result['r'].best['resmem']}")
   record = dict(config=vars(args), grid={k: list(v) for k, v in grid.items()},
                 backend=jax.default_backend(), device_count=jax.device_count(),
-                jax_version=jax.__version__,
+                jax_version=jax.__version__, hardware=analysis.hardware(),
+                provenance=analysis.provenance(),
                 seconds=dict(knn=all_knn, predict=all_pred, sweep=all_sweep),
                 median=dict(knn=t_knn, predict=t_pred, sweep=t_sweep),
                 ratio=dict(predict_over_knn=t_pred / t_knn, sweep_over_predict=t_sweep / t_pred),
