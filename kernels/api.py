@@ -65,12 +65,21 @@ def query_bucket(n: int) -> int:
 # or run in this process, or disagreed with the XLA path on the check problem: the
 # default there is the XLA path from then on.
 _PALLAS_FAILED: set[str] = set()
-# Kernel configurations (platform, metric, k, D, tiles) that passed the check problem
-# in this process (`_check_kernel`).
+# Kernel configurations (platform, metric, candidates, D, tiles) that passed the check
+# problem in this process (`_check_kernel`).
 _PALLAS_CHECKED: set[tuple] = set()
 # The check problem: query and key counts past whole tiles of every default tiling
-# (query tiles of 32, 64 or 128 rows, key tiles of 32 to 512), at least 4 * 256 keys.
+# (query tiles of 32, 64 or 128 rows, key tiles of 32 to 512); at least this many keys,
+# more where the GPU pairs kernel needs them (`_check_keys`).
 _CHECK_QUERIES, _CHECK_KEYS = 131, 1061
+
+
+def _check_keys(candidates: int, block_sizes: BlockSizes | None) -> int:
+  """Keys of the check problem: enough that the GPU pairs kernel prunes chunks (with
+  fewer than candidates * chunk keys it hands the search to the XLA path, and the
+  check would compare XLA with XLA), and a ragged last tile."""
+  chunk = block_sizes.chunk if block_sizes is not None and block_sizes.pairs else 16
+  return max(_CHECK_KEYS, 2 * candidates * max(chunk, 1) + 37)
 
 
 def _platform() -> str:
@@ -433,10 +442,12 @@ class KernelMismatch(RuntimeError):
   """The Pallas kernel's neighbours differ from the XLA path's on the check problem."""
 
 
-def _check_kernel(k: int, dim: int, metric: str, block_sizes: BlockSizes | None) -> None:
+def _check_kernel(candidates: int, dim: int, metric: str, block_sizes: BlockSizes | None
+                  ) -> None:
   """Raises KernelMismatch unless the Pallas kernel returns the XLA path's neighbours
-  on a check problem with this (k, D, metric, tiles): `_CHECK_QUERIES` queries and
-  `_CHECK_KEYS` keys of small integers (-3 to 3), ragged against every default tile.
+  on a check problem with this kernel configuration (its number of candidates, D,
+  metric, tiles): `_CHECK_QUERIES` queries and `_check_keys` keys of small integers
+  (-3 to 3), ragged against every default tile.
 
   Every distance and inner product of such data is an integer that float32 holds
   exactly, and many of them tie: both searches are exact (the certificate sends
@@ -447,13 +458,13 @@ def _check_kernel(k: int, dim: int, metric: str, block_sizes: BlockSizes | None)
   in a thread of its own (JAX's tracing state is per thread), so also while an outer
   `jax.jit` traces the caller.
   """
+  n_keys = _check_keys(candidates, block_sizes)
   rng = np.random.default_rng(0)
   queries = rng.integers(-3, 4, (_CHECK_QUERIES, dim)).astype(np.float32)
-  keys = rng.integers(-3, 4, (_CHECK_KEYS, dim)).astype(np.float32)
-  # A caller with few keys may have fewer candidates than k + margin; here k keeps
-  # within the kernel's slots.
-  limit = _pallas_knn.max_k(_pallas_knn.backend_for(_platform()), metric)
-  k = max(j for j in range(1, k + 1) if n_candidates(j, _CHECK_KEYS) <= limit)
+  keys = rng.integers(-3, 4, (n_keys, dim)).astype(np.float32)
+  # The k whose candidates are the caller's (fewer, for a caller with so few keys that
+  # every key is a candidate).
+  k = max([1] + [j for j in range(1, candidates + 1) if n_candidates(j, n_keys) <= candidates])
   outcome = {}
 
   def search_both():
@@ -476,9 +487,36 @@ def _check_kernel(k: int, dim: int, metric: str, block_sizes: BlockSizes | None)
   if rows.size:
     raise KernelMismatch(
         f"{rows.size} of {_CHECK_QUERIES} rows of a check problem (small-integer data, "
-        f"{_CHECK_KEYS} keys, d={dim}, k={k}, {metric}) differ from the XLA path's, "
+        f"{n_keys} keys, d={dim}, k={k}, {metric}) differ from the XLA path's, "
         f"first row {rows[0]}: {got.indices[rows[0]].tolist()} against "
         f"{want.indices[rows[0]].tolist()}")
+
+
+def _agreed_check(candidates: int, dim: int, metric: str, block_sizes: BlockSizes | None, *,
+                  across_processes: bool) -> None:
+  """`_check_kernel`, with one verdict for every process when the search spans them:
+  each runs the check on its own chips, and a process that passed while another
+  failed would run another program than it, and wait in its collectives. The worst
+  outcome wins everywhere: running out of device memory is raised on every process,
+  any other failure sends every process to the XLA path."""
+  try:
+    _check_kernel(candidates, dim, metric, block_sizes)
+    status, error = 0, None
+  except Exception as err:  # noqa: BLE001 - re-raised below, on every process
+    status, error = (2 if _is_device_out_of_memory(err) else 1), err
+  if across_processes:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    statuses = np.asarray(multihost_utils.process_allgather(np.int32(status)))
+    worst = int(statuses.max())
+    if worst > status:
+      where = [int(i) for i in np.flatnonzero(statuses == worst)]
+      what = "ran out of device memory in" if worst == 2 else "failed"
+      error = RuntimeError(f"processes {where} {what} the Pallas kernel's check "
+                           f"(RESOURCE_EXHAUSTED: out of memory)" if worst == 2 else
+                           f"processes {where} {what} the Pallas kernel's check")
+    status = worst
+  if status:
+    raise error
 
 
 def _default_kernel_or_xla(search: Callable, queries, keys, *, k: int, metric: str,
@@ -487,8 +525,8 @@ def _default_kernel_or_xla(search: Callable, queries, keys, *, k: int, metric: s
 
   The kernel is the default on GPU and TPU but has not been compiled on every chip
   generation with every jax. So, when it was picked by default, each configuration
-  (k, D, metric, tiles) is first checked on a small exact problem (`_check_kernel`,
-  once per process), and a failure to compile, to run, or to agree with the XLA path
+  (candidates, D, metric, tiles) is first checked on a small exact problem
+  (`_agreed_check`, once per process), and a failure to compile, to run, or to agree with the XLA path
   there must not stop the caller's search: it is reported once as a warning, and the
   platform's default becomes the XLA path for the rest of the process. Under an outer
   `jax.jit` the check still runs (on its own data); a compile error of the caller's
@@ -498,11 +536,13 @@ def _default_kernel_or_xla(search: Callable, queries, keys, *, k: int, metric: s
   the process would outlast it; the remedy (smaller batches, freed buffers) is the
   caller's.
   """
-  config = (_platform(), metric, k, queries.shape[1], block_sizes)
+  candidates = n_candidates(k, keys.shape[0])
+  config = (_platform(), metric, candidates, queries.shape[1], block_sizes)
   traced = v.is_traced(queries) or v.is_traced(keys)
   try:
     if config not in _PALLAS_CHECKED:
-      _check_kernel(k, queries.shape[1], metric, block_sizes)
+      _agreed_check(candidates, queries.shape[1], metric, block_sizes,
+                    across_processes=sharded.spans_processes(keys))
       _PALLAS_CHECKED.add(config)
     if not traced:
       out = search(implementation="pallas")
@@ -657,6 +697,9 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   References:
     Yang et al., "ResMem: Learn what you can and memorize the rest", NeurIPS 2023.
   """
+  if sharded.spans_processes(keys):  # before any check a process could fail alone
+    sharded.check_same_on_every_process("rm.knn's queries, k, metric or implementation",
+                                        queries, k, metric, implementation, block_sizes)
   queries = v.as_array("queries", queries)
   keys = v.as_array("keys", keys)
   v.check_floating("queries", queries)

@@ -44,8 +44,8 @@ final top-k), written with `jax.shard_map` instead of `pmap`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -124,10 +124,21 @@ def committed(x) -> bool:
   return _concrete(x) and x.committed
 
 
+def _mix(h):
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 that spreads every bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
 @jax.jit
 def _fingerprint(x) -> jax.Array:
-  """Two 32-bit position-weighted sums of the bits of `x` (wrapping): equal on equal
-  arrays, and on unequal ones of one shape and dtype with probability about 2^-64."""
+  """Two 32-bit sums (wrapping) of every element's bits mixed with its position: equal
+  on equal arrays, and on unequal ones of one shape and dtype with probability about
+  2^-64. The mixing is what makes it so: a plain weighted sum lets two sign flips
+  cancel (2^31 times two odd weights is 0 mod 2^32), so x and -x agreed."""
   if x.dtype == jnp.bool_:
     bits = x.astype(jnp.uint32)
   elif x.dtype.itemsize < 4:
@@ -137,41 +148,60 @@ def _fingerprint(x) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   bits = bits.reshape(-1)
   position = jnp.arange(bits.size, dtype=jnp.uint32)
-  odd = [position * jnp.uint32(m) + jnp.uint32(a) | jnp.uint32(1)
-         for m, a in ((2654435761, 0x9E3779B9), (2246822519, 0x85EBCA6B))]
-  return jnp.stack([jnp.sum(bits * w, dtype=jnp.uint32) for w in odd])
+  return jnp.stack([jnp.sum(_mix(bits ^ _mix(position * jnp.uint32(2) + jnp.uint32(salt))),
+                            dtype=jnp.uint32) for salt in (0x9E3779B9, 0x85EBCA6C)])
 
 
-def check_same_on_every_process(x, what: str = "an input") -> None:
-  """Raises ValueError, on every process alike, unless all processes hold the same `x`.
+def _leaf_print(leaf) -> bytes:
+  """Bytes that stand for one input: an array this process holds (NumPy, or on its
+  own devices) by its fingerprint, shape and dtype; an array over every process by
+  its shape (its values are one array already); anything else by its repr."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return f"global{tuple(leaf.shape)}{leaf.dtype}".encode()
+  if isinstance(leaf, (np.ndarray, jax.Array)):
+    data = leaf if isinstance(leaf, jax.Array) else jax.device_put(leaf, jax.local_devices()[0])
+    digest = np.asarray(_fingerprint(data)) if data.size else np.zeros(2, np.uint32)
+    return digest.tobytes() + f"{tuple(leaf.shape)}{np.dtype(data.dtype)}".encode()
+  return repr(leaf).encode()
 
-  An array that this process holds (NumPy, or on its own devices) and that becomes
-  part of a global array must have one value everywhere: each process supplies the
-  parts its devices hold, so differing copies would make an array that is neither,
-  and a search over it silently wrong. `jax.device_put` checks NumPy input (gathering
-  the whole array, and printing it in its error), but `put` places an array on this
-  process's devices without it. Here every process gathers every process's
-  fingerprint (`_fingerprint`, with the shape and dtype): a few bytes each.
+
+def spans_processes(x) -> bool:
+  """Whether `x` is a concrete array over the devices of several processes."""
+  return (jax.process_count() > 1 and isinstance(x, jax.Array)
+          and not isinstance(x, jax.core.Tracer) and not x.is_fully_addressable)
+
+
+def check_same_on_every_process(what: str, *values) -> None:
+  """Raises ValueError, on every process alike, unless all processes pass the same
+  `values` (arrays, settings).
+
+  A computation over arrays that span processes runs as one program on all of them:
+  an input that one process holds alone must have one value everywhere, or the
+  global arrays built from it are neither copy and the search silently wrong; and a
+  process whose input fails a check that the others' pass raises alone while the
+  others wait in a collective. So the public calls compare their inputs first, before
+  any check of their values: each process hashes its own (`_leaf_print`) into 8 bytes
+  and every process gathers every process's.
   """
+  if jax.process_count() == 1:
+    return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  local = jax.local_devices()[0]
-  data = x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x), local)
-  shape = np.shape(x)
-  dtype = zlib.crc32(str(np.dtype(data.dtype)).encode())
-  mine = np.concatenate([np.asarray(_fingerprint(data)),
-                         np.uint32([dtype, len(shape), *shape[:8], *[0] * (8 - len(shape))])])
+  digest = hashlib.blake2b(digest_size=8)
+  for leaf in jax.tree.leaves(values, is_leaf=lambda x: x is None):
+    digest.update(_leaf_print(leaf))
+    digest.update(b"|")
+  mine = np.frombuffer(digest.digest(), np.uint32)
   prints = np.asarray(multihost_utils.process_allgather(mine))
   differ = [i for i in range(len(prints)) if not np.array_equal(prints[i], prints[0])]
   if differ:
     raise ValueError(
-        f"the values of {what} (shape {shape}) differ between processes: processes "
-        f"{differ} hold others than process 0. Every process must pass the same values "
-        f"for an array it holds alone and that is placed over all of them (JAX's rule "
-        f"for replicated inputs), or build a global array from each process's rows with "
-        f"jax.make_array_from_process_local_data.")
+        f"{what} differ between processes: processes {differ} hold others than process 0. "
+        f"Every process must pass the same values for an input it holds alone when the "
+        f"computation spans processes (JAX's rule for replicated inputs), or build a "
+        f"global array from each process's rows with jax.make_array_from_process_local_data.")
 
 
-def put(x, sharding: NamedSharding, what: str = "an input"):
+def put(x, sharding: NamedSharding, what: str = "the inputs"):
   """`jax.device_put(x, sharding)`, also where `sharding` spans several processes and
   `x` is held by this process alone, committed to one of its devices (a model's
   output, say), which device_put refuses (it would be a transfer between hosts).
@@ -180,7 +210,7 @@ def put(x, sharding: NamedSharding, what: str = "an input"):
   too (`check_same_on_every_process`)."""
   if (not sharding.is_fully_addressable and not isinstance(x, jax.core.Tracer)
       and not (isinstance(x, jax.Array) and not x.is_fully_addressable)):
-    check_same_on_every_process(x, what)
+    check_same_on_every_process(what, x)
     if _concrete(x):
       return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.device_put(x, sharding)

@@ -245,6 +245,10 @@ def build_memory(embeddings: Float[Array, "N D"],
   References:
     Yang et al., "ResMem: Learn what you can and memorize the rest", NeurIPS 2023.
   """
+  if sharded.spans_processes(embeddings):  # before any check a process could fail alone
+    sharded.check_same_on_every_process(
+        "rm.build_memory's targets, base_outputs, task or temperature", targets,
+        base_outputs, task, temperature, fingerprint)
   embeddings = v.as_array("embeddings", embeddings)
   v.check_floating("embeddings", embeddings)
   v.check_ndim("embeddings", embeddings, (2,), "an (N, D) matrix")

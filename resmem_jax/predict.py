@@ -194,7 +194,7 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
   n_q = embeddings.shape[0]
   search_k = k + (exclude is not None)
 
-  def chunk_of(x, start, stop, rows, where, what="a per-query input"):
+  def chunk_of(x, start, stop, rows, where, what="the per-query inputs"):
     x = pad_rows(x[start:stop], rows)
     return x if where is None or v.is_traced(x) else sharded.put(x, where, what)
 
@@ -283,6 +283,10 @@ def predict(mem: Memory, embeddings: Float[Array, "Q D"], base_outputs: Float[Ar
   References:
     Yang et al., "ResMem: Learn what you can and memorize the rest", NeurIPS 2023.
   """
+  if isinstance(mem, Memory) and sharded.spans_processes(mem.keys):
+    sharded.check_same_on_every_process(
+        "rm.predict's embeddings, base_outputs, k, sigma or exclude", embeddings,
+        base_outputs, k, sigma, exclude, task, fingerprint, implementation, query_chunk)
   mem = check_memory(mem, task=task, fingerprint=fingerprint)
   embeddings, base_outputs = check_queries(mem, embeddings, base_outputs)
   k, exclude = check_k_exclude(mem, embeddings.shape[0], k, exclude)

@@ -339,6 +339,14 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
   References:
     Yang et al., "ResMem: Learn what you can and memorize the rest", NeurIPS 2023.
   """
+  keys = (mem_or_parts.keys if isinstance(mem_or_parts, Memory) else
+          mem_or_parts[0] if isinstance(mem_or_parts, (tuple, list)) and mem_or_parts else None)
+  if sharded.spans_processes(keys):  # before any check a process could fail alone
+    sharded.check_same_on_every_process(
+        "rm.sweep's inputs or grids",
+        mem_or_parts if not isinstance(mem_or_parts, Memory) else None, embeddings,
+        base_outputs, targets, ks, sigmas, temperatures, lams, exclude, task,
+        implementation, query_chunk)
   if isinstance(mem_or_parts, Memory):
     mem = check_memory(mem_or_parts, task=task)
   elif isinstance(mem_or_parts, (tuple, list)) and len(mem_or_parts) == 3:

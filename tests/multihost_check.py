@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+import types
+import warnings
 
 import jax
 
@@ -23,7 +25,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import resmem_jax as rm  # noqa: E402
-from resmem_jax.kernels import api  # noqa: E402
+from resmem_jax.kernels import IMPLEMENTATIONS, api  # noqa: E402
+from resmem_jax.kernels.xla import knn_xla  # noqa: E402
 
 
 def same(a, b, what):
@@ -153,22 +156,67 @@ def main():
     raise AssertionError("a process-local memory must not save on several processes")
   assert sorted(os.listdir(shared)) == ["memory"], os.listdir(shared)
 
-  # Queries, labels or logits that differ between processes would build global arrays
-  # that are neither: every process raises alike (none is left waiting in a
-  # collective), for NumPy input and for arrays on one of this process's devices.
+  # Inputs that differ between processes would build global arrays that are neither,
+  # or make one process fail a check alone while the others wait in a collective:
+  # every process raises alike, before any other check, for NumPy input and for arrays
+  # on one of this process's devices. (Before: silently placed, or a hang.)
+  first = jax.process_index() == 0
   other = queries + np.float32(jax.process_index())
-  for call, how in ((lambda: rm.knn(other, from_rows, 3), "NumPy queries"),
-                    (lambda: rm.knn(local(other), from_rows, 3), "committed queries"),
-                    (lambda: rm.predict(spread, queries, local(q_logits + other[:, :5]), k=3,
-                                        sigma=0.5), "committed logits"),
-                    (lambda: rm.build_memory(from_rows, labels, logits + jax.process_index()),
-                     "NumPy logits")):
+  negated = queries if first else -queries  # a plain weighted sum of bits missed this
+  nan = queries.copy()
+  nan[0, 0] = 0.5 if first else np.nan
+  bad_labels = labels.copy()
+  bad_labels[7] = 0 if first else n_classes
+  longer = queries if first else np.concatenate([queries, queries[:20]])
+  for call, how in (
+      (lambda: rm.knn(other, from_rows, 3), "NumPy queries"),
+      (lambda: rm.knn(local(negated), from_rows, 3), "committed negated queries"),
+      (lambda: rm.knn(nan, from_rows, 3), "a NaN on one process"),
+      (lambda: rm.predict(spread, queries, local(q_logits + other[:, :5]), k=3, sigma=0.5),
+       "committed logits"),
+      (lambda: rm.predict(spread, longer, np.zeros((len(longer), n_classes), np.float32), k=3,
+                          sigma=0.5, query_chunk=16), "more queries on one process"),
+      (lambda: rm.predict(spread, queries, q_logits, k=3 if first else 4, sigma=0.5),
+       "another k"),
+      (lambda: rm.build_memory(from_rows, labels, logits if first else -logits),
+       "negated NumPy logits"),
+      (lambda: rm.build_memory(from_rows, bad_labels, logits), "a bad label on one process"),
+      (lambda: rm.sweep(spread, queries, q_logits, labels[:n_q], ks=(1, 4),
+                        sigmas=(0.5,) if first else (0.7,)), "another sweep grid")):
     try:
       call()
     except ValueError as e:
       assert "differ between processes: processes [1] hold" in str(e), (how, e)
     else:
       raise AssertionError(f"{how} that differ between processes must raise")
+
+  # The default kernel's check gives one verdict on every process: here the kernel
+  # fails on process 1 only (a chip of its own, say), and both take the XLA path
+  # (with a verdict each, process 0 would run the kernel and wait for process 1).
+  def kernel_failing_on_process_1(queries, keys, k, *, metric, block_sizes, centring):
+    del block_sizes
+    if jax.process_index() == 1:
+      raise NotImplementedError("no lowering for this op on this chip")
+    return knn_xla(queries, keys, k, metric=metric, centring=centring)
+
+  saved = api._platform, api._pallas_knn, IMPLEMENTATIONS.get("pallas")  # pylint: disable=protected-access
+  api._platform = lambda: "tpu"  # pylint: disable=protected-access
+  api._pallas_knn = types.SimpleNamespace(  # pylint: disable=protected-access
+      is_supported=lambda **_: True, backend_for=lambda platform: "tpu",
+      max_k=lambda backend, metric: 256, uses_pairs=lambda *_: False)
+  IMPLEMENTATIONS["pallas"] = kernel_failing_on_process_1
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      res = rm.knn(queries, from_rows, 5)
+    assert api._PALLAS_FAILED == {"tpu"}, api._PALLAS_FAILED  # pylint: disable=protected-access
+    assert any("using the XLA path" in str(w.message) for w in caught), caught
+    same(res.indices, rm.knn(local(queries), local(keys), 5).indices,
+         "knn after a kernel check that failed on one process")
+  finally:
+    api._platform, api._pallas_knn = saved[:2]  # pylint: disable=protected-access
+    if saved[2] is not None:
+      IMPLEMENTATIONS["pallas"] = saved[2]
   print(f"MULTIHOST OK {jax.process_index()}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -395,7 +396,7 @@ def test_a_kernel_that_agrees_is_checked_once_per_configuration(broken_default_k
     for k in (3, 3, 4):
       got = resmem_jax.knn(queries, keys, k)
       np.testing.assert_array_equal(got.indices, want[k].indices)
-  assert checked == [3, 4], checked
+  assert checked == [api.n_candidates(k, 700) for k in (3, 4)], checked
   assert traced == [api._CHECK_KEYS, 700] * 2, traced
   assert not api._PALLAS_FAILED and len(api._PALLAS_CHECKED) == 2
   # Under an outer jit the check runs eagerly all the same (in a thread of its own: a
@@ -405,7 +406,31 @@ def test_a_kernel_that_agrees_is_checked_once_per_configuration(broken_default_k
     got = jax.jit(lambda q, x: resmem_jax.knn(q, x, 5).indices)(queries, keys)
   np.testing.assert_array_equal(
       got, resmem_jax.knn(queries, keys, 5, implementation="xla").indices)
-  assert checked == [3, 4, 5] and not api._PALLAS_FAILED and len(api._PALLAS_CHECKED) == 3
+  assert checked == [api.n_candidates(k, 700) for k in (3, 4, 5)]
+  assert not api._PALLAS_FAILED and len(api._PALLAS_CHECKED) == 3
+
+
+@pytest.mark.parametrize("candidates", [40, 106])
+def test_the_check_problem_runs_the_gpu_pairs_kernel(monkeypatch, candidates):
+  """With 1061 keys and chunks of 16, the GPU pairs kernel hands any search of 63 or
+  more candidates to the XLA path (too few keys to prune): the check compared XLA with
+  XLA there. Its keys now grow with the candidates, so the kernel itself runs."""
+  if api._pallas_knn is None:
+    pytest.skip("the Pallas kernel is not installed here")
+  from resmem_jax.kernels import pallas_knn  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def pairs_kernel_that_does_not_compile(*args, **kwargs):
+    calls.append(args[0].shape)
+    raise NotImplementedError("Triton lowering failed")
+
+  monkeypatch.setattr(api, "_platform", lambda: "gpu")
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas",
+                      functools.partial(pallas_knn.knn_pallas, backend="triton"))
+  monkeypatch.setattr(pallas_knn, "triton_chunk_pairs", pairs_kernel_that_does_not_compile)
+  with pytest.raises(NotImplementedError, match="Triton lowering failed"):
+    api._check_kernel(candidates, 8, "l2", None)
+  assert calls
 
 
 # --------------------------------------------------------------------------------------
