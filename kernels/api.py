@@ -509,11 +509,9 @@ def _agreed_check(candidates: int, dim: int, metric: str, block_sizes: BlockSize
     statuses = np.asarray(multihost_utils.process_allgather(np.int32(status)))
     worst = int(statuses.max())
     if worst > status:
-      where = [int(i) for i in np.flatnonzero(statuses == worst)]
-      what = "ran out of device memory in" if worst == 2 else "failed"
-      error = RuntimeError(f"processes {where} {what} the Pallas kernel's check "
-                           f"(RESOURCE_EXHAUSTED: out of memory)" if worst == 2 else
-                           f"processes {where} {what} the Pallas kernel's check")
+      where = np.flatnonzero(statuses == worst).tolist()
+      reason = " (RESOURCE_EXHAUSTED: out of memory)" if worst == 2 else ""
+      error = RuntimeError(f"processes {where} failed the Pallas kernel's check{reason}")
     status = worst
   if status:
     raise error
@@ -526,8 +524,9 @@ def _default_kernel_or_xla(search: Callable, queries, keys, *, k: int, metric: s
   The kernel is the default on GPU and TPU but has not been compiled on every chip
   generation with every jax. So, when it was picked by default, each configuration
   (candidates, D, metric, tiles) is first checked on a small exact problem
-  (`_agreed_check`, once per process), and a failure to compile, to run, or to agree with the XLA path
-  there must not stop the caller's search: it is reported once as a warning, and the
+  (`_agreed_check`, once per process), and a failure to compile, to run, or to agree
+  with the XLA path there must not stop the caller's search: it is reported once as a
+  warning, and the
   platform's default becomes the XLA path for the rest of the process. Under an outer
   `jax.jit` the check still runs (on its own data); a compile error of the caller's
   own program only comes when the caller compiles, out of reach here, and is raised
@@ -669,8 +668,9 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
       for tiny inputs; the kernel picked this way is first checked against the XLA
       path on a small exact problem, once per configuration, and if it fails to
       compile or run there or here, other than by the device running out of memory,
-      or disagrees, a warning says so and the XLA path is used from then on); or one of "reference", "xla", "pallas", "direct" (O(QND)
-      elementwise, exact without a certificate; the fallback, never the default).
+      or disagrees, a warning says so and the XLA path is used from then on); or one
+      of "reference", "xla", "pallas", "direct" (O(QND) elementwise, exact without a
+      certificate; the fallback, never the default).
       "reference" forms the whole (Q, N) score matrix: for small inputs and tests only.
     block_sizes: tiling of the blocked search; `BlockSizes.get_default(k, D)` if None.
 
@@ -700,6 +700,15 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
   if sharded.spans_processes(keys):  # before any check a process could fail alone
     sharded.check_same_on_every_process("rm.knn's queries, k, metric or implementation",
                                         queries, k, metric, implementation, block_sizes)
+  return knn_agreed(queries, keys, k, metric=metric, implementation=implementation,
+                    block_sizes=block_sizes)
+
+
+def knn_agreed(queries, keys, k: int, *, metric: str = "l2",
+               implementation: str | None = None,
+               block_sizes: BlockSizes | None = None) -> KnnResult:
+  """`knn` for a caller that has compared its inputs across processes already
+  (`rm.predict` and `rm.sweep`, once per call rather than once per chunk)."""
   queries = v.as_array("queries", queries)
   keys = v.as_array("keys", keys)
   v.check_floating("queries", queries)

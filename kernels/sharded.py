@@ -27,8 +27,8 @@ Placing a memory over the devices of a TPU pod slice (or GPUs, or fake CPU devic
 On several hosts, build the global array from each host's rows with
 `jax.make_array_from_process_local_data(NamedSharding(mesh, P("data", None)), local_rows)`
 instead of `device_put`, and give every host the same queries (NumPy, or on any of its
-own devices: `put` places them, after checking that every process holds the same
-values); tests/multihost_check.py runs this on two processes.
+own devices: `put` places them, and `rm.knn` first checks that every process holds
+the same values); tests/multihost_check.py runs this on two processes.
 The row count must be a multiple of the number of shards (JAX refuses uneven row
 shardings; pad or trim the memory). A mesh with more axes works too: split the rows over any
 of its axes (`P(("data", "model"), None)`); the other axes hold replicas.
@@ -152,17 +152,19 @@ def _fingerprint(x) -> jax.Array:
                             dtype=jnp.uint32) for salt in (0x9E3779B9, 0x85EBCA6C)])
 
 
-def _leaf_print(leaf) -> bytes:
-  """Bytes that stand for one input: an array this process holds (NumPy, or on its
-  own devices) by its fingerprint, shape and dtype; an array over every process by
-  its shape (its values are one array already); anything else by its repr."""
-  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-    return f"global{tuple(leaf.shape)}{leaf.dtype}".encode()
+def _hash_leaf(digest, leaf) -> None:
+  """Feeds `digest` what stands for one input: an array on this process's devices by
+  its fingerprint (on the device, no copy to the host), a NumPy array by its bytes,
+  either with its shape and dtype; an array over every process by its shape and dtype
+  (its values are one array already); anything else by its repr."""
+  if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+    digest.update(np.asarray(_fingerprint(leaf)).tobytes() if leaf.size else b"")
+  elif isinstance(leaf, np.ndarray):
+    digest.update(np.ascontiguousarray(leaf).data)
   if isinstance(leaf, (np.ndarray, jax.Array)):
-    data = leaf if isinstance(leaf, jax.Array) else jax.device_put(leaf, jax.local_devices()[0])
-    digest = np.asarray(_fingerprint(data)) if data.size else np.zeros(2, np.uint32)
-    return digest.tobytes() + f"{tuple(leaf.shape)}{np.dtype(data.dtype)}".encode()
-  return repr(leaf).encode()
+    digest.update(f"{tuple(leaf.shape)}{leaf.dtype}".encode())
+  else:
+    digest.update(repr(leaf).encode())
 
 
 def spans_processes(x) -> bool:
@@ -180,7 +182,7 @@ def check_same_on_every_process(what: str, *values) -> None:
   global arrays built from it are neither copy and the search silently wrong; and a
   process whose input fails a check that the others' pass raises alone while the
   others wait in a collective. So the public calls compare their inputs first, before
-  any check of their values: each process hashes its own (`_leaf_print`) into 8 bytes
+  any check of their values: each process hashes its own (`_hash_leaf`) into 8 bytes
   and every process gathers every process's.
   """
   if jax.process_count() == 1:
@@ -188,7 +190,7 @@ def check_same_on_every_process(what: str, *values) -> None:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   digest = hashlib.blake2b(digest_size=8)
   for leaf in jax.tree.leaves(values, is_leaf=lambda x: x is None):
-    digest.update(_leaf_print(leaf))
+    _hash_leaf(digest, leaf)
     digest.update(b"|")
   mine = np.frombuffer(digest.digest(), np.uint32)
   prints = np.asarray(multihost_utils.process_allgather(mine))
@@ -201,18 +203,15 @@ def check_same_on_every_process(what: str, *values) -> None:
         f"global array from each process's rows with jax.make_array_from_process_local_data.")
 
 
-def put(x, sharding: NamedSharding, what: str = "the inputs"):
+def put(x, sharding: NamedSharding):
   """`jax.device_put(x, sharding)`, also where `sharding` spans several processes and
   `x` is held by this process alone, committed to one of its devices (a model's
   output, say), which device_put refuses (it would be a transfer between hosts).
   Every process then places its own parts of `x`, so every process must pass the same
-  values (JAX's multi-process rule for replicated inputs): checked, for NumPy input
-  too (`check_same_on_every_process`)."""
-  if (not sharding.is_fully_addressable and not isinstance(x, jax.core.Tracer)
-      and not (isinstance(x, jax.Array) and not x.is_fully_addressable)):
-    check_same_on_every_process(what, x)
-    if _concrete(x):
-      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  values (JAX's multi-process rule for replicated inputs): the public calls check that
+  on entry (`check_same_on_every_process`)."""
+  if _concrete(x) and x.is_fully_addressable and not sharding.is_fully_addressable:
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
   return jax.device_put(x, sharding)
 
 
@@ -242,7 +241,7 @@ def to_keys(queries, keys):
       or row_axes(keys) is not None):
     return queries
   where = rows_like(keys)
-  return queries if where is None else put(queries, where, "queries")
+  return queries if where is None else put(queries, where)
 
 
 def n_shards(mesh, axes: tuple[str, ...]) -> int:
@@ -262,8 +261,8 @@ def knn_sharded(queries, keys, k: int, *, metric: str, implementation: str, bloc
   if isinstance(keys, jax.core.Tracer):  # typed as split already: replicate the queries
     queries = jax.sharding.reshard(queries, NamedSharding(mesh, P()))
   else:
-    keys = put(keys, NamedSharding(mesh, P(axes, None)), "keys")
-    queries = put(queries, NamedSharding(mesh, P()), "queries")
+    keys = put(keys, NamedSharding(mesh, P(axes, None)))
+    queries = put(queries, NamedSharding(mesh, P()))
   return _knn_sharded(queries, keys, magnitude, k=k, metric=metric,
                       implementation=implementation, block_sizes=block_sizes, mesh=mesh,
                       axes=axes)

@@ -288,8 +288,7 @@ def build_memory(embeddings: Float[Array, "N D"],
   placed = sharded.row_axes(keys) is not None or sharded.committed(keys)
   where = sharded.rows_like(keys) if placed else None
   if where is not None:
-    targets, outputs = (sharded.put(x, where, name) for x, name in
-                         ((targets, "targets"), (outputs, "base_outputs")))
+    targets, outputs = (sharded.put(x, where) for x in (targets, outputs))
   res = _residuals_jit(targets, outputs, task=task, temperature=temperature)
   _check_regression_residuals(res, task)
   if where is not None:
@@ -306,10 +305,10 @@ def _check_regression_residuals(res, task: str) -> None:
                      "the targets")
 
 
-def _put_rows(x, mesh: jax.sharding.Mesh, axes: tuple[str, ...], what: str):
+def _put_rows(x, mesh: jax.sharding.Mesh, axes: tuple[str, ...]):
   """`x` with its rows split over mesh axes `axes`, trailing axes replicated."""
   spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
-  return sharded.put(x, jax.sharding.NamedSharding(mesh, spec), what)
+  return sharded.put(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 @functools.partial(jax.jit, static_argnames=("task", "temperature"))
@@ -343,6 +342,11 @@ def shard_memory(mem: Memory, mesh: jax.sharding.Mesh,
     >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
     >>> mem = rm.shard_memory(rm.build_memory(emb, y, logits), mesh)
   """
+  if (isinstance(mem, Memory) and not jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()).is_fully_addressable):
+    # The mesh spans processes: every process must hold the same memory.
+    sharded.check_same_on_every_process("rm.shard_memory's memories", repr(mem.meta),
+                                        mem.keys, mem.residuals, mem.outputs, mem.targets)
   check_memory(mem)
   axes = (axis,) if isinstance(axis, str) else tuple(axis)
   for name in axes:
@@ -353,7 +357,7 @@ def shard_memory(mem: Memory, mesh: jax.sharding.Mesh,
     raise ValueError(f"the memory's N={mem.size} rows must split evenly over the {shards} "
                      f"devices of mesh axis {axis!r}; pad or trim it to a multiple of {shards}")
 
-  return mem._replace(**{name: _put_rows(getattr(mem, name), mesh, axes, f"mem.{name}")
+  return mem._replace(**{name: _put_rows(getattr(mem, name), mesh, axes)
                          for name in ("keys", "residuals", "outputs", "targets")})
 
 

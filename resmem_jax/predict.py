@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from resmem_jax import _validation as v
 from resmem_jax.kernels import sharded
-from resmem_jax.kernels.api import knn, pad_rows, query_bucket
+from resmem_jax.kernels.api import knn_agreed, pad_rows, query_bucket
 from resmem_jax.kernels.base import KnnResult
 from resmem_jax.memory import (Memory, base_prediction, check_memory, check_queries,
                                check_temperature, safe_scale)
@@ -194,21 +194,21 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
   n_q = embeddings.shape[0]
   search_k = k + (exclude is not None)
 
-  def chunk_of(x, start, stop, rows, where, what="the per-query inputs"):
+  def chunk_of(x, start, stop, rows, where):
     x = pad_rows(x[start:stop], rows)
-    return x if where is None or v.is_traced(x) else sharded.put(x, where, what)
+    return x if where is None or v.is_traced(x) else sharded.put(x, where)
 
   for start in range(0, n_q, query_chunk):
     stop = min(start + query_chunk, n_q)
     rows = query_bucket(stop - start)
     queries = pad_rows(embeddings[start:stop], rows)
-    res = knn(queries, mem.keys, search_k, implementation=implementation)
+    res = knn_agreed(queries, mem.keys, search_k, implementation=implementation)
     # Committed (placed by the caller): per-query inputs join it; else JAX places them.
     where = sharded.rows_like(res.indices) if sharded.committed(res.indices) else None
     if exclude is not None:
       res = _drop_excluded_jit(
           res.distances, res.indices,
-          jnp.asarray(chunk_of(exclude, start, stop, rows, where, "exclude"), jnp.int32), n=mem.size)
+          jnp.asarray(chunk_of(exclude, start, stop, rows, where), jnp.int32), n=mem.size)
     yield stop - start, res, tuple(chunk_of(x, start, stop, rows, where) for x in extra)
 
 

@@ -181,6 +181,9 @@ def main():
       (lambda: rm.build_memory(from_rows, labels, logits if first else -logits),
        "negated NumPy logits"),
       (lambda: rm.build_memory(from_rows, bad_labels, logits), "a bad label on one process"),
+      (lambda: rm.shard_memory(rm.build_memory(local(keys), labels,
+                                               logits if first else -logits), mesh),
+       "another memory to shard"),
       (lambda: rm.sweep(spread, queries, q_logits, labels[:n_q], ks=(1, 4),
                         sigmas=(0.5,) if first else (0.7,)), "another sweep grid")):
     try:

@@ -130,13 +130,13 @@ def test_searches_once(cls_data, monkeypatch):
   x, y, z, xq, yq, zq = cls_data
   mem = rm.build_memory(x, y, z)
   calls = []
-  real = predict_module.knn
+  real = predict_module.knn_agreed
 
   def counting(queries, keys, k, **kwargs):
     calls.append(k)
     return real(queries, keys, k, **kwargs)
 
-  monkeypatch.setattr(predict_module, "knn", counting)
+  monkeypatch.setattr(predict_module, "knn_agreed", counting)
   rm.sweep(mem, xq, zq, yq, ks=KS, sigmas=SIGMAS, temperatures=TEMPS)
   assert calls == [max(KS)]
   calls.clear()
