@@ -350,6 +350,8 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
   if isinstance(mem_or_parts, Memory):
     mem = check_memory(mem_or_parts, task=task)
   elif isinstance(mem_or_parts, (tuple, list)) and len(mem_or_parts) == 3:
+    if task == "regression":  # before building the memory: building it compiles
+      _check_no_temperatures(temperatures)
     mem = build_memory(*mem_or_parts, task=task or "classification")
   else:
     raise TypeError(f"mem_or_parts must be a rm.Memory or an (embeddings, targets, "
@@ -367,9 +369,7 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
   sigmas = _check_grid("sigmas", sigmas, check_sigma)
   lams = _check_grid("lams", lams, _check_lam)
   if meta.task == "regression":
-    if temperatures is not None:
-      raise ValueError(f"temperatures apply to classification only; the memory is for "
-                       f"regression, got temperatures={temperatures!r}")
+    _check_no_temperatures(temperatures)
     temperatures = (None,)
   elif temperatures is None:
     temperatures = (meta.temperature,)
@@ -426,6 +426,12 @@ def _check_query_targets(mem: Memory, targets, base_outputs):
                        f"{tuple(base_outputs.shape)}, got targets.shape={tuple(targets.shape)}")
     v.check_finite32("targets", targets)
   return targets
+
+
+def _check_no_temperatures(temperatures) -> None:
+  if temperatures is not None:
+    raise ValueError(f"temperatures apply to classification only; the memory is for "
+                     f"regression, got temperatures={temperatures!r}")
 
 
 def _table(means: dict[str, Any], task: str, *, ks, sigmas, temperatures, lams) -> list[dict]:

@@ -216,6 +216,19 @@ def test_regression_sweep_rejects_temperatures():
     rm.sweep(mem, x, y, y, ks=(1,), sigmas=(1.0,), temperatures=(1.0,))
 
 
+def test_regression_sweep_from_parts_rejects_temperatures_before_building(monkeypatch):
+  """Building the memory compiles; a call that will be refused must not pay for it."""
+  sweep_module = importlib.import_module("resmem_jax.sweep")
+  def refuse(*args, **kwargs):
+    raise AssertionError("the memory was built before the temperatures were checked")
+  monkeypatch.setattr(sweep_module, "build_memory", refuse)
+  x = np.zeros((20, 3), np.float32)
+  y = np.zeros(20, np.float32)
+  with pytest.raises(ValueError, match="temperatures apply to classification only"):
+    rm.sweep((x, y, y), x, y, y, ks=(1,), sigmas=(1.0,), temperatures=(1.0,),
+             task="regression")
+
+
 def test_a_nan_score_counts_as_wrong_and_ranks_last():
   """A NaN compares False with everything, so it must not pass for a correct argmax."""
   sweep_module = importlib.import_module("resmem_jax.sweep")
