@@ -706,15 +706,16 @@ def knn(queries: Float[Array, "Q D"], keys: Float[Array, "N D"], k: int, *,
 
 def knn_agreed(queries, keys, k: int, *, metric: str = "l2",
                implementation: str | None = None,
-               block_sizes: BlockSizes | None = None) -> KnnResult:
+               block_sizes: BlockSizes | None = None, keys_name: str = "keys") -> KnnResult:
   """`knn` for a caller that has compared its inputs across processes already
-  (`rm.predict` and `rm.sweep`, once per call rather than once per chunk)."""
+  (`rm.predict` and `rm.sweep`, once per call rather than once per chunk); errors
+  about the keys name them `keys_name` (the caller's name for them)."""
   queries = v.as_array("queries", queries)
-  keys = v.as_array("keys", keys)
+  keys = v.as_array(keys_name, keys)
   v.check_floating("queries", queries)
-  v.check_floating("keys", keys)
+  v.check_floating(keys_name, keys)
   v.check_ndim("queries", queries, (2,), "a (Q, D) matrix")
-  v.check_ndim("keys", keys, (2,), "an (N, D) matrix")
+  v.check_ndim(keys_name, keys, (2,), "an (N, D) matrix")
   n_q, dim = queries.shape
   n_keys = keys.shape[0]
   if n_keys == 0:
@@ -741,7 +742,7 @@ def knn_agreed(queries, keys, k: int, *, metric: str = "l2",
   if implementation == "pallas":
     _check_pallas_k(k, n_keys, metric)
   if n_q == 0:
-    v.finite_magnitude("keys", keys)
+    v.finite_magnitude(keys_name, keys)
     dtype = jax.dtypes.canonicalize_dtype(search_dtype(queries, keys))
     return KnnResult(jnp.zeros((0, k), dtype), jnp.zeros((0, k), jnp.int32))
   queries = sharded.searchable(queries)
@@ -755,7 +756,7 @@ def knn_agreed(queries, keys, k: int, *, metric: str = "l2",
   # search and the re-search of failing rows all see a bucket's shape: a new number of
   # queries inside a bucket compiles only the pad (for device arrays) and the final cut.
   queries = pad_rows(queries, padded)
-  magnitudes = [v.finite_magnitude("queries", queries), v.finite_magnitude("keys", keys)]
+  magnitudes = [v.finite_magnitude("queries", queries), v.finite_magnitude(keys_name, keys)]
   # Under an outer jit the magnitude is unknown here: the search measures it in the graph.
   magnitude = None if None in magnitudes else max(magnitudes)
   search = functools.partial(_search, queries, keys, k, metric=metric,

@@ -202,7 +202,8 @@ def search_chunks(mem: Memory, embeddings, k: int, exclude, *, implementation,
     stop = min(start + query_chunk, n_q)
     rows = query_bucket(stop - start)
     queries = pad_rows(embeddings[start:stop], rows)
-    res = knn_agreed(queries, mem.keys, search_k, implementation=implementation)
+    res = knn_agreed(queries, mem.keys, search_k, implementation=implementation,
+                     keys_name="mem.keys")
     # Committed (placed by the caller): per-query inputs join it; else JAX places them.
     where = sharded.rows_like(res.indices) if sharded.committed(res.indices) else None
     if exclude is not None:

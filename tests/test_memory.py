@@ -357,6 +357,17 @@ def test_a_meta_edited_to_invalid_values_is_refused(field, value, message):
     rm.predict(bad, np.zeros((2, 2), np.float32), np.zeros((2, 3), np.float32), k=2, sigma=1.0)
 
 
+def test_non_finite_keys_of_a_hand_edited_memory_are_named_as_the_caller_knows_them():
+  _, y, z = _data(n=10, c=3)
+  mem = rm.build_memory(np.zeros((10, 2), np.float32), y, z)
+  bad = mem._replace(keys=mem.keys.at[4, 1].set(jnp.nan))
+  queries, base = np.zeros((2, 2), np.float32), np.zeros((2, 3), np.float32)
+  with pytest.raises(ValueError, match=r"mem.keys must be finite, got mem.keys\[4, 1\]=nan"):
+    rm.predict(bad, queries, base, k=2, sigma=1.0)
+  with pytest.raises(ValueError, match=r"mem.keys must be finite, got mem.keys\[4, 1\]=nan"):
+    rm.sweep(bad, queries, base, np.zeros(2, np.int32), ks=(2,), sigmas=(1.0,))
+
+
 def test_base_prediction_checks_task_and_temperature():
   z = jnp.array([[0.0, 1.0]])
   with pytest.raises(ValueError, match="task='clasification'"):
