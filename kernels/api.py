@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -11,6 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from resmem_jax import _validation as v
@@ -466,13 +468,16 @@ def _check_kernel(candidates: int, dim: int, metric: str, block_sizes: BlockSize
   # every key is a candidate).
   k = max([1] + [j for j in range(1, candidates + 1) if n_candidates(j, n_keys) <= candidates])
   outcome = {}
+  mesh = _callers_mesh()
 
   def search_both():
     try:
-      outcome["results"] = [
-          jax.device_get(knn(queries, keys, k, metric=metric, implementation=implementation,
-                             block_sizes=block_sizes if implementation == "pallas" else None))
-          for implementation in ("pallas", "xla")]
+      with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        outcome["results"] = [
+            jax.device_get(knn(queries, keys, k, metric=metric,
+                               implementation=implementation,
+                               block_sizes=block_sizes if implementation == "pallas" else None))
+            for implementation in ("pallas", "xla")]
     except Exception as err:  # noqa: BLE001 - re-raised in the caller's thread
       outcome["error"] = err
 
@@ -490,6 +495,26 @@ def _check_kernel(candidates: int, dim: int, metric: str, block_sizes: BlockSize
         f"{n_keys} keys, d={dim}, k={k}, {metric}) differ from the XLA path's, "
         f"first row {rows[0]}: {got.indices[rows[0]].tolist()} against "
         f"{want.indices[rows[0]].tolist()}")
+
+
+def _callers_mesh() -> Mesh | None:
+  """The mesh of the caller's `jax.set_mesh`, for the check's thread (the setting is
+  per thread, and a kernel may fail under an Explicit mesh alone), or None.
+
+  Under jit only its abstract form is public: the check then runs under a mesh of the
+  same axes and types over the first devices of its platform.
+  """
+  abstract = jax.sharding.get_abstract_mesh()
+  if abstract.empty:
+    return None
+  try:
+    return jax.sharding.get_mesh()
+  except ValueError:  # under jit
+    pass
+  platform = getattr(abstract.abstract_device, "platform", None)
+  devices = jax.devices(platform)[:abstract.size]
+  return Mesh(np.asarray(devices).reshape(abstract.axis_sizes), abstract.axis_names,
+              axis_types=abstract.axis_types)
 
 
 def _agreed_check(candidates: int, dim: int, metric: str, block_sizes: BlockSizes | None, *,

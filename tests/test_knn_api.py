@@ -277,6 +277,32 @@ def _kernel_that_raises(error, calls):
   return knn_pallas
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_the_check_runs_under_the_callers_mesh(broken_default_kernel, monkeypatch, jit):
+  """`jax.set_mesh` holds per thread, and the check runs in a thread of its own. A
+  kernel that fails under the caller's mesh alone (Pallas's interpreter does under
+  an Explicit one) passed the check, then failed in the caller's search, raised
+  under jit. The check now runs under the caller's mesh and sees it fail."""
+  xla, meshes = IMPLEMENTATIONS["xla"], []
+
+  def fails_under_a_mesh(queries, keys, k, **kwargs):
+    meshes.append(jax.sharding.get_abstract_mesh())
+    if not meshes[-1].empty:
+      raise NotImplementedError("not under a mesh")
+    return xla(queries, keys, k, **kwargs)
+
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas", fails_under_a_mesh)
+  queries, keys = _data(n_q=300, n=700, dim=6, seed=3)
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  search = lambda q, x: resmem_jax.knn(q, x, 5).indices  # noqa: E731
+  with jax.set_mesh(mesh):
+    with pytest.warns(UserWarning, match="failed \\(NotImplementedError: not under a mesh"):
+      got = (jax.jit(search) if jit else search)(queries, keys)
+  assert len(meshes) == 1 and meshes[0].axis_names == ("data",), meshes
+  assert not api._PALLAS_CHECKED and api._PALLAS_FAILED == {"tpu"}
+  np.testing.assert_array_equal(got, resmem_jax.knn(queries, keys, 5, implementation="xla").indices)
+
+
 def test_the_device_running_out_of_memory_is_raised_and_keeps_the_kernel(
     broken_default_kernel, monkeypatch):
   """Out of device memory depends on what else the process holds, not on the kernel:
