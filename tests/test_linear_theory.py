@@ -21,6 +21,11 @@ import resmem_jax as rm
 from resmem_jax import theory
 
 
+# Under `pytest -n 2 --dist loadgroup` (the README's test command) one worker runs this
+# module, so the quick run below (about a minute) is computed once.
+pytestmark = pytest.mark.xdist_group("linear_theory")
+
+
 @pytest.fixture(scope="module")
 def quick_results():
   return theory.run(theory.get_config(quick=True))
