@@ -51,9 +51,12 @@ Backends:
   to Hopper, and is still shipped in jax 0.12.0 (deprecated since jax 0.11.0: it
   warns when it lowers); it is selected explicitly by passing
   `pltriton.CompilerParams`. Triton has no scratch memory and no sequential
-  grid axis, so the grid runs over query tiles and a `fori_loop` walks the key tiles
-  with the running top-k in registers; only the rounds selection is used (the
-  binned registers would spill), so this kernel stops at k = GPU_MAX_K. For l2
+  grid axis, so the grid runs over (query tiles, splits of the key tiles) and a
+  `fori_loop` walks a split's key tiles with the running top-k in registers (the
+  splits' k best are merged in XLA: a few candidates per query, where one program per
+  query tile would leave most of a large GPU idle on small batches); only the rounds
+  selection is used (the binned registers would spill), so this kernel stops at
+  k = GPU_MAX_K. For l2
   beyond it (or when `BlockSizes.pairs` asks), a second Triton kernel computes the
   XLA path's paired chunk minima on chip (`kernels/xla.py`): a fully parallel
   (query tiles, key tiles) grid, each program a GEMM tile (the dot in slices of
@@ -115,6 +118,11 @@ PAIRS_BYTES = 1 << 30  # chunk pairs held at once by the GPU pairs path
 PAIRS_DIM_STEP = 32  # columns per step of the pairs kernel's dot
 TPU_MAX_DIM = 4096  # a (block_n, D) f32 key tile, double-buffered, must fit in VMEM
 GPU_MAX_DIM = 256  # a (block_n, D) key tile lives in registers
+# The Triton rounds kernel splits the key tiles until its grid has about this many
+# programs (a few per SM of a large GPU: 132 on an H100), each split at least
+# GPU_MIN_SPLIT_TILES key tiles long (every split writes k candidates per query).
+GPU_TARGET_PROGRAMS = 512
+GPU_MIN_SPLIT_TILES = 8
 _INT_MAX = np.iinfo(np.int32).max
 _NT = (((1,), (1,)), ((), ()))  # q @ x.T without materializing the transpose
 
@@ -437,8 +445,24 @@ def _knn_tpu(queries, keys, k: int, metric: str, block_sizes: BlockSizes, interp
 # GPU kernel (Triton).
 
 
+def key_splits(query_tiles: int, key_tiles: int) -> tuple[int, int]:
+  """(splits, key tiles per split) of the Triton rounds kernel's (query tiles, splits)
+  grid: enough splits to give the GPU about GPU_TARGET_PROGRAMS programs, none shorter
+  than GPU_MIN_SPLIT_TILES tiles (but one split at least) and none empty.
+
+  Without splits, a batch of 1000 queries in tiles of 64 is 16 programs, each walking
+  every key: 16 busy SMs of an H100's 132.
+  """
+  wanted = -(-GPU_TARGET_PROGRAMS // query_tiles)
+  splits = max(1, min(wanted, key_tiles // GPU_MIN_SPLIT_TILES))
+  per_split = -(-key_tiles // splits)
+  return -(-key_tiles // per_split), per_split
+
+
 def _triton_kernel(q_ref, x_ref, scale_ref, mean_ref, x_sq_ref, out_ref, out_idx_ref, *,
-                   k: int, n: int, dim: int, block_n: int, metric: str):
+                   k: int, n: int, dim: int, block_n: int, tiles_per_split: int,
+                   metric: str):
+  """One (query tile, key split) program: the k best of its key tiles, sorted."""
   block_q, dim_p = q_ref.shape
   dim_mask = lax.broadcasted_iota(jnp.int32, (1, dim_p), 1) < dim
   # The operand tiles are padded to powers of two (Triton's shapes); masked loads
@@ -461,7 +485,9 @@ def _triton_kernel(q_ref, x_ref, scale_ref, mean_ref, x_sq_ref, out_ref, out_idx
 
   width = out_ref.shape[1]
   init = _empty_slots(block_q, width, k)
-  best, best_idx = lax.fori_loop(0, pl.cdiv(n, block_n), body, init)
+  first = pl.program_id(1) * tiles_per_split
+  last = jnp.minimum(first + tiles_per_split, pl.cdiv(n, block_n))
+  best, best_idx = lax.fori_loop(first, last, body, init)
   lane = lax.broadcasted_iota(jnp.int32, (1, width), 1)
   out, out_idx = extract_sorted(jnp.where(lane < k, best, jnp.inf), best_idx, k, width)
   out_ref[...] = out
@@ -482,26 +508,37 @@ def _knn_triton(queries, keys, k: int, metric: str, block_sizes: BlockSizes, int
   queries = _pad_rows(centre(queries), _round_up(n_q, block_q))
   scale, mean = _centring_rows(centring, dim)
   x_sq = xla.squared_norms(keys, centre)[None, :]
+  query_tiles = queries.shape[0] // block_q
+  splits, tiles_per_split = key_splits(query_tiles, pl.cdiv(n, block_n))
   kernel = functools.partial(_triton_kernel, k=k, n=n, dim=dim, block_n=block_n,
-                             metric=metric)
+                             tiles_per_split=tiles_per_split, metric=metric)
+  # Split j's candidates fill columns [j * width, (j + 1) * width) of each row.
+  shape = (queries.shape[0], splits * width)
   out, out_idx = pl.pallas_call(
       kernel,
-      grid=(queries.shape[0] // block_q,),
+      grid=(query_tiles, splits),
       in_specs=[
-          pl.BlockSpec((block_q, dim_p), lambda i: (i, 0)),
-          pl.BlockSpec((n, dim_p), lambda i: (0, 0)),
-          pl.BlockSpec((1, dim_p), lambda i: (0, 0)),
-          pl.BlockSpec((1, dim_p), lambda i: (0, 0)),
-          pl.BlockSpec((1, n), lambda i: (0, 0)),
+          pl.BlockSpec((block_q, dim_p), lambda i, j: (i, 0)),
+          pl.BlockSpec((n, dim_p), lambda i, j: (0, 0)),
+          pl.BlockSpec((1, dim_p), lambda i, j: (0, 0)),
+          pl.BlockSpec((1, dim_p), lambda i, j: (0, 0)),
+          pl.BlockSpec((1, n), lambda i, j: (0, 0)),
       ],
-      out_specs=[pl.BlockSpec((block_q, width), lambda i: (i, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct((queries.shape[0], width), jnp.float32),
-                 jax.ShapeDtypeStruct((queries.shape[0], width), jnp.int32)],
+      out_specs=[pl.BlockSpec((block_q, width), lambda i, j: (i, j))] * 2,
+      out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32),
+                 jax.ShapeDtypeStruct(shape, jnp.int32)],
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="knn_pallas_triton",
   )(queries, keys, scale, mean, x_sq)
-  return out[:n_q, :k], out_idx[:n_q, :k]
+  out, out_idx = out[:n_q], out_idx[:n_q]
+  if splits == 1:
+    return out[:, :k], out_idx[:, :k]
+  # The splits hold increasing key ranges, each sorted lower index first on ties, so
+  # a stable selection by position keeps the lower index first across splits too.
+  best = xla._smallest(out, k)  # pylint: disable=protected-access
+  return (jnp.take_along_axis(out, best, axis=1),
+          jnp.take_along_axis(out_idx, best, axis=1))
 
 
 def _triton_pairs_kernel(q_ref, x_ref, scale_ref, mean_ref, x_sq_ref, first_ref, second_ref, *,

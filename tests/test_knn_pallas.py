@@ -261,13 +261,29 @@ def test_triton_body_interpreted(k, metric, dim):
   assert_kernel_exact(idx, queries, keys, k, metric)
 
 
-def test_triton_body_ties():
+@pytest.mark.parametrize("min_split_tiles", [pk.GPU_MIN_SPLIT_TILES, 1])
+def test_triton_body_ties(monkeypatch, min_split_tiles):
+  """Also with the keys split into one-tile ranges (merged in XLA): ties across splits
+  keep the lower index first."""
+  monkeypatch.setattr(pk, "GPU_MIN_SPLIT_TILES", min_split_tiles)
   queries, keys = integer_data(44, 10, 120, 3, low=-1, high=1)
   _, idx = jax.jit(functools.partial(
       triton_interpret, k=9, metric="l2",
       block_sizes=BlockSizes(block_q=16, block_n=32, chunk=0)))(jnp.asarray(queries),
                                                                   jnp.asarray(keys))
   assert_kernel_exact(idx, queries, keys, 9, exact_ties=True)
+
+
+@pytest.mark.parametrize("query_tiles", [1, 3, 16, 320, 600])
+@pytest.mark.parametrize("key_tiles", [1, 7, 8, 9, 100, 15625, 262144])
+def test_key_splits_cover_every_key_tile_once(query_tiles, key_tiles):
+  splits, per_split = pk.key_splits(query_tiles, key_tiles)
+  assert splits >= 1 and (splits - 1) * per_split < key_tiles <= splits * per_split
+  assert per_split >= min(pk.GPU_MIN_SPLIT_TILES, key_tiles)
+  if key_tiles >= pk.GPU_MIN_SPLIT_TILES * pk.GPU_TARGET_PROGRAMS:  # about the target
+    assert query_tiles * splits > pk.GPU_TARGET_PROGRAMS // 2
+  # C3 (1000 queries in tiles of 64, 1M keys in tiles of 64): 16 programs before.
+  assert pk.key_splits(16, 15625)[0] * 16 > pk.GPU_TARGET_PROGRAMS // 2
 
 
 # --------------------------------------------------------------------------------------
