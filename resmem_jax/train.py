@@ -239,9 +239,36 @@ def _resume_metrics(path: str, upto_epoch: int) -> list[dict[str, Any]]:
   return kept
 
 
+# jax.random.key keeps a seed's low 32 bits (64-bit JAX off): seeds 5 and 2**32 + 5
+# would start from the same weights while NumPy shuffled their batches apart.
+MAX_SEED = 2**32 - 1
+
+
+def check_resmem_grids(ks, sigmas, temperatures, *, prefix: str = "") -> None:
+  """Raises ValueError or TypeError naming the first ResMem grid value out of range, as
+  written (before `sigmas` are scaled): ks ints >= 1, sigmas and temperatures finite
+  and > 0, each grid a non-empty sequence."""
+  for name, values in (("ks", ks), ("sigmas", sigmas), ("temperatures", temperatures)):
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+      raise ValueError(f"{prefix}{name} must be a non-empty sequence, got "
+                       f"{prefix}{name}={values!r}")
+  for i, k in enumerate(ks):
+    v.check_int(f"{prefix}ks[{i}]", k, low=1)
+  for name, values in (("sigmas", sigmas), ("temperatures", temperatures)):
+    for i, x in enumerate(values):
+      if isinstance(x, bool) or not isinstance(x, (int, float, np.number)):
+        raise TypeError(f"{prefix}{name}[{i}] must be a float, got {prefix}{name}[{i}]={x!r}")
+      v.check_positive(f"{prefix}{name}[{i}]", x)
+
+
 def check_training_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError or TypeError naming the first training setting out of range."""
-  v.check_int("seed", config.seed, low=0)
+  """Raises ValueError or TypeError naming the first setting out of range: of training,
+  and of the ResMem grids and the analysis (checked here too, so that a bad value is
+  refused before the training run, not after it)."""
+  v.check_int("seed", config.seed, low=0, high=MAX_SEED)
+  steps = config.get("steps_per_epoch", -1)
+  if steps is not None and steps != -1:
+    v.check_int("steps_per_epoch", steps, low=1)  # -1 (or None): one whole pass
   v.check_int("batch_size", config.batch_size, low=1)
   v.check_int("eval_batch_size", config.get("eval_batch_size", 512), low=1)
   v.check_int("keep_checkpoints", config.get("keep_checkpoints", 2), low=1)  # 0: no resume
@@ -257,6 +284,12 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
     if name in ("width", "embed_dim", "depth") and (
         isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
       raise ValueError(f"model_kwargs.{name} must be > 0, got {name}={value!r}")
+  if config.get("resmem") is not None:
+    check_resmem_grids(config.resmem.ks, config.resmem.sigmas, config.resmem.temperatures,
+                       prefix="resmem.")
+  analysis = config.get("analysis") or {}
+  v.check_int("analysis.num_examples", analysis.get("num_examples", 0), low=0)
+  v.check_int("analysis.num_neighbours", analysis.get("num_neighbours", 5), low=1)
 
 
 # Settings that leave the trained model unchanged: a resumed run may change them.
@@ -418,8 +451,9 @@ def resmem_stage(*, train_outputs: tuple[np.ndarray, np.ndarray], train_labels: 
   train_logits, train_emb = train_outputs
   val_logits, val_emb = val_outputs
   test_logits, test_emb = test_outputs
+  check_resmem_grids(ks, sigmas, temperatures)
   n_train = train_emb.shape[0]
-  ks = tuple(sorted({min(int(k), n_train) for k in ks}))
+  ks = tuple(sorted({min(int(k), n_train) for k in ks}))  # k > n_train: every example
   scale = (analysis_lib.median_nn_distance(jnp.asarray(val_emb), jnp.asarray(train_emb))
            if relative_sigma else 1.0)
   sigma_grid = tuple(float(s * scale) for s in sigmas)
@@ -632,7 +666,7 @@ def run_size_sweep(config: ml_collections.ConfigDict, workdir: str) -> list[dict
     width, embed_dim, depth = (*size, 2) if len(size) == 2 else size
     sizes.append((v.check_int("width", width, low=1), v.check_int("embed_dim", embed_dim, low=1),
                   v.check_int("depth", depth, low=1)))
-  seeds = [v.check_int("sweep.seeds", seed, low=0) for seed in config.sweep.seeds]
+  seeds = [v.check_int("sweep.seeds", seed, low=0, high=MAX_SEED) for seed in config.sweep.seeds]
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f"sweep.seeds must be distinct ints (one sub-workdir each), got "
                      f"sweep.seeds={tuple(config.sweep.seeds)!r}")

@@ -326,6 +326,51 @@ def test_bad_training_settings_raise_naming_the_setting(tmp_path, name, value, e
   assert not os.path.exists(tmp_path / "checkpoints")  # raised before training
 
 
+@pytest.mark.parametrize("path,value,message", [
+    ("seed", 2**32 + 5, "seed must satisfy"),  # jax.random.key keeps the low 32 bits
+    ("steps_per_epoch", 0, "steps_per_epoch must satisfy"),
+    ("steps_per_epoch", -2, "steps_per_epoch must satisfy"),
+    ("resmem.ks", (0,), r"resmem.ks\[0\] must satisfy"),
+    ("resmem.ks", (2.7,), r"resmem.ks\[0\] must be"),  # was truncated to 2
+    ("resmem.ks", (), "resmem.ks must be a non-empty sequence"),
+    ("resmem.sigmas", (1.0, -1.0), r"resmem.sigmas\[1\] must be finite and > 0, got "
+     r"resmem.sigmas\[1\]=-1.0"),  # as written, not times the median distance
+    ("resmem.temperatures", (0.0,), r"resmem.temperatures\[0\] must be finite and > 0"),
+    ("analysis.num_neighbours", 0, "analysis.num_neighbours must satisfy"),
+    ("analysis.num_examples", -1, "analysis.num_examples must satisfy")])
+def test_bad_resmem_and_analysis_settings_raise_before_training(tmp_path, monkeypatch,
+                                                                path, value, message):
+  """These were refused after the whole training run (or never: 2.7 became k = 2, and
+  seeds 5 and 2**32 + 5 shared their initial weights)."""
+  def no_training(*args, **kwargs):
+    raise AssertionError("training started")
+  monkeypatch.setattr(train, "train", no_training)
+  config = _mnist_tiny()
+  parent, _, name = path.rpartition(".")
+  (config[parent] if parent else config)[name] = value
+  with pytest.raises((ValueError, TypeError), match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("steps", [-1, None, 3])
+def test_steps_per_epoch_takes_minus_one_none_or_a_positive_int(steps):
+  config = _mnist_tiny()
+  config.steps_per_epoch = steps
+  train.check_training_config(config)
+
+
+def test_the_resmem_stage_names_a_bad_sigma_as_written():
+  rng = np.random.default_rng(0)
+  outputs = (rng.normal(size=(20, 3)).astype(np.float32),
+             rng.normal(size=(20, 4)).astype(np.float32))
+  held_out = (outputs[0], outputs[1] + 0.3)  # a median distance to the training set != 1
+  labels = np.arange(20) % 3
+  with pytest.raises(ValueError, match=r"got sigmas\[0\]=-1.0$"):
+    train.resmem_stage(train_outputs=outputs, train_labels=labels, val_outputs=held_out,
+                       val_labels=labels, test_outputs=held_out, test_labels=labels,
+                       ks=(1,), sigmas=(-1.0,), temperatures=(1.0,))
+
+
 def test_a_diverged_run_stops_before_its_checkpoint(tmp_path):
   config = _mnist_tiny()
   config.learning_rate = 1e30

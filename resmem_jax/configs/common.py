@@ -55,7 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.weight_decay = 5e-4
   c.warmup_epochs = 1.0
-  c.augment = False  # CIFAR: 4-pixel-padded crop + flip; ImageNet: random-resized crop + flip.
+  # CIFAR: 4-pixel-padded crop + flip; ImageNet: random-resized crop + flip. Both flip
+  # images left to right, which digits (MNIST, digits) do not survive: off for them.
+  c.augment = False
   c.steps_per_epoch = -1  # -1: one pass over the training split.
   c.keep_checkpoints = 2
   c.progress = True
