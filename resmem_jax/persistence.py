@@ -57,6 +57,17 @@ def _checkpointer() -> ocp.Checkpointer:
       composite_options=ocp.CompositeOptions(async_options=options)))
 
 
+def _stored_arrays(path: epath.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{name: (shape, dtype)} of the arrays as Orbax recorded writing them ({} where it
+  has no such record: the restore that follows then says what is wrong)."""
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(path / "arrays").tree
+    return {name: (tuple(int(d) for d in meta.shape), np.dtype(meta.dtype))
+            for name, meta in tree.items()}
+  except Exception:  # noqa: BLE001 - Orbax raises several types for a foreign directory
+    return {}
+
+
 def _resolve(path: str | os.PathLike) -> epath.Path:
   """A cloud URL as it is; a local path with `~` expanded, made absolute."""
   text = os.fspath(path)
@@ -298,6 +309,15 @@ def load_memory(path: str | os.PathLike, *, sharding: NamedSharding | None = Non
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"the memory at {shown!r} has unreadable array metadata "
                      f"({type(e).__name__}: {e}); save it again with rm.save_memory") from None
+  # Orbax restores an array as the dtype asked for, converting silently: an edited
+  # metadata file could turn int32 labels into uint8 (wrapping at 256) or float32 keys
+  # into bfloat16. Its own record of what it wrote is the check.
+  for name, (shape, dtype) in _stored_arrays(path).items():
+    if name in specs and specs[name] != (shape, dtype):
+      want_shape, want_dtype = specs[name]
+      raise ValueError(f"the memory at {shown!r} disagrees with its metadata: {name} is "
+                       f"stored as {dtype.name}{list(shape)}, the metadata says "
+                       f"{want_dtype.name}{list(want_shape)}")
   target = {}
   for name, (shape, dtype) in specs.items():
     if jax.dtypes.canonicalize_dtype(dtype) != dtype:

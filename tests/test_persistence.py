@@ -207,7 +207,15 @@ def test_paths_expand_home_and_keep_cloud_urls(tmp_path, monkeypatch):
     (lambda raw: raw.pop("fingerprint"), "unreadable metadata"),
     (lambda raw: raw.update(output_shape=[4]), "output_shape must be one of"),
     (lambda raw: raw.update(dtype="floaty"), "mem.keys.dtype must be mem.meta.dtype='floaty'"),
-    (lambda raw: raw["arrays"]["keys"].update(dtype="float16"), "mem.keys.dtype must be"),
+    # Orbax casts to the dtype asked for: labels to uint8 wrapped at 256, keys and
+    # residuals lost precision, all silently.
+    (lambda raw: raw["arrays"]["keys"].update(dtype="float16"),
+     r"keys is stored as float32\[64, 5\], the metadata says float16\[64, 5\]"),
+    (lambda raw: (raw["arrays"]["keys"].update(dtype="float16"), raw.update(dtype="float16")),
+     "keys is stored as float32"),
+    (lambda raw: raw["arrays"]["residuals"].update(dtype="bfloat16"),
+     "residuals is stored as float32"),
+    (lambda raw: raw["arrays"]["targets"].update(dtype="uint8"), "targets is stored as int32"),
     (lambda raw: raw.update(size=63), "size=63 but the arrays hold N=64"),
     (lambda raw: raw.update(format_version=True), "format_version=True"),
     (lambda raw: raw.update(format_version=2.0), "format_version=2.0"),
