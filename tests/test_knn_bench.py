@@ -44,3 +44,20 @@ def test_bench_rejects_bad_arguments(args, capsys):
   assert exit_info.value.code == 2, args
   stderr = capsys.readouterr().err
   assert args[0] in stderr or args[1] in stderr, stderr[-1000:]
+
+
+def test_recall_counts_each_true_neighbour_once():
+  """A search that repeated one right key k times scored recall 1; FAISS's -1 (no
+  result) read the last key."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  keys = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]], np.float32)
+  queries = np.zeros((1, 1), np.float32)
+  truth, truth_dist = np.array([[0, 1, 2]]), np.array([[0.0, 1.0, 2.0]])
+  assert bench.recalls(np.array([[0, 1, 2]]), truth, truth_dist, queries, keys) == (1.0, 1.0)
+  assert bench.recalls(np.array([[0, 0, 0]]), truth, truth_dist, queries, keys) == (1 / 3, 1 / 3)
+  assert bench.recalls(np.array([[0, 1, -1]]), truth, truth_dist, queries, keys) == (2 / 3, 2 / 3)
+  # A key at the k-th distance (a float32 tie) counts for recall_f32 in place of a
+  # missed neighbour at that distance, not of a nearer one (key 1 below).
+  tied = np.array([[0.0], [1.0], [2.0], [2.0], [2.0]], np.float32)
+  assert bench.recalls(np.array([[0, 1, 3]]), truth, truth_dist, queries, tied) == (2 / 3, 1.0)
+  assert bench.recalls(np.array([[0, 3, 4]]), truth, truth_dist, queries, tied) == (1 / 3, 2 / 3)
