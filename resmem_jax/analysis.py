@@ -22,6 +22,24 @@ import jax
 import numpy as np
 
 
+def _class_vectors(**arrays) -> list[np.ndarray]:
+  """The arrays as NumPy, after checking that each is a (Q,) vector of integer classes
+  of one length Q: a (Q, 1) prediction would broadcast against (Q,) labels to a (Q, Q)
+  comparison and give indices beyond Q."""
+  out = []
+  for name, x in arrays.items():
+    x = np.asarray(x)
+    if x.ndim != 1:
+      raise ValueError(f"{name} must be a (Q,) vector of classes, got {name}.shape={x.shape}")
+    if not np.issubdtype(x.dtype, np.integer):
+      raise TypeError(f"{name} must hold integer classes, got {name}.dtype={x.dtype}")
+    out.append(x)
+  if len({len(x) for x in out}) != 1:
+    shapes = ", ".join(f"{name}.shape={x.shape}" for name, x in zip(arrays, out))
+    raise ValueError(f"the class vectors must have one length, got {shapes}")
+  return out
+
+
 def fixed_and_broken(labels: np.ndarray, base_pred: np.ndarray, resmem_pred: np.ndarray
                      ) -> dict[str, np.ndarray]:
   """Indices where ResMem fixed the base model (base wrong, ResMem right) and broke it.
@@ -35,7 +53,8 @@ def fixed_and_broken(labels: np.ndarray, base_pred: np.ndarray, resmem_pred: np.
     {"fixed": int64 indices, "broken": int64 indices}; the accuracy gain is
     (len(fixed) - len(broken)) / Q.
   """
-  labels, base_pred, resmem_pred = map(np.asarray, (labels, base_pred, resmem_pred))
+  labels, base_pred, resmem_pred = _class_vectors(labels=labels, base_pred=base_pred,
+                                                  resmem_pred=resmem_pred)
   base_ok, resmem_ok = base_pred == labels, resmem_pred == labels
   return {"fixed": np.flatnonzero(~base_ok & resmem_ok),
           "broken": np.flatnonzero(base_ok & ~resmem_ok)}
@@ -52,7 +71,8 @@ def per_class_gain(labels: np.ndarray, base_pred: np.ndarray, resmem_pred: np.nd
   Raises:
     ValueError: a label outside [0, num_classes).
   """
-  labels, base_pred, resmem_pred = map(np.asarray, (labels, base_pred, resmem_pred))
+  labels, base_pred, resmem_pred = _class_vectors(labels=labels, base_pred=base_pred,
+                                                  resmem_pred=resmem_pred)
   bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if bad.size:
     raise ValueError(f"labels must lie in [0, {num_classes=}), got labels[{bad[0]}]="

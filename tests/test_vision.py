@@ -191,6 +191,17 @@ def test_analysis_inputs_are_checked():
     analysis.per_class_gain(np.array([-1, 0]), np.array([0, 1]), np.array([0, 1]), 2)
   with pytest.raises(ValueError, match="at least one query"):
     analysis.median_nn_distance(np.zeros((0, 3), np.float32), np.ones((5, 3), np.float32))
+  # A (Q, 1) prediction broadcast to a (Q, Q) comparison: indices beyond Q, no error.
+  labels, base = np.array([0, 1, 2, 1]), np.array([0, 0, 2, 0])
+  with pytest.raises(ValueError, match=r"resmem_pred must be a \(Q,\) vector of classes, "
+                     r"got resmem_pred.shape=\(4, 1\)"):
+    analysis.fixed_and_broken(labels, base, labels[:, None])
+  with pytest.raises(TypeError, match="labels must hold integer classes"):
+    analysis.per_class_gain(labels.astype(float), base, base, 3)
+  with pytest.raises(ValueError, match="must have one length"):
+    analysis.fixed_and_broken(labels, base[:3], base)
+  assert {k: v.tolist() for k, v in analysis.fixed_and_broken(labels, base, labels).items()} == {
+      "fixed": [1, 3], "broken": []}
 
 
 def _tiny_sweep(seed=0):
