@@ -354,7 +354,9 @@ def summarize_size_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
 
   Rows are grouped by their "size" label; a group's width, embed_dim and depth (when
   the rows have them) are carried over. Sorted by parameter count. A size run with
-  one seed has std 0.
+  one seed has std 0. A baseline's mean and std are given only where every row of the
+  group has that baseline (a mean over some of the seeds beside `seeds` counting all of
+  them would misread).
   """
   def std(values) -> float:
     values = np.asarray(values, dtype=np.float64)
@@ -375,7 +377,7 @@ def summarize_size_sweep(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
                 "gain_mean": float((res - base).mean()), "gain_std": std(res - base)})
     for method in ("knn", "knn_lm"):
       accs = [g["baselines"][method] for g in group if method in g.get("baselines", {})]
-      if accs:
+      if len(accs) == len(group):
         out[-1][f"{method}_mean"] = float(np.mean(accs))
         out[-1][f"{method}_std"] = std(accs)
   return sorted(out, key=lambda s: s["params"])

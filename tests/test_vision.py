@@ -150,6 +150,12 @@ def test_size_sweep_summary_over_seeds():
   assert big["resmem_std"] == pytest.approx(0.0)
   assert big["knn_mean"] == pytest.approx(0.89)
   assert single["deepnet_std"] == 0.0 and single["seeds"] == 1
+  # A baseline some seeds lack has no mean: it was the mean over the others, beside a
+  # `seeds` that counted every one.
+  del rows[3]["baselines"]["knn"]
+  _, big, _ = analysis.summarize_size_sweep(rows)
+  assert "knn_mean" not in big and "knn_std" not in big
+  assert big["knn_lm_mean"] == pytest.approx(0.85) and big["seeds"] == 2
 
 
 def test_per_class_gain_of_an_absent_class_is_null_in_strict_json(tmp_path):
