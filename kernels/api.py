@@ -510,11 +510,10 @@ def _callers_mesh() -> Mesh | None:
   try:
     return jax.sharding.get_mesh()
   except ValueError:  # under jit
-    pass
-  platform = getattr(abstract.abstract_device, "platform", None)
-  devices = jax.devices(platform)[:abstract.size]
-  return Mesh(np.asarray(devices).reshape(abstract.axis_sizes), abstract.axis_names,
-              axis_types=abstract.axis_types)
+    platform = getattr(abstract.abstract_device, "platform", None)
+    devices = jax.devices(platform)[:abstract.size]
+    return Mesh(np.asarray(devices).reshape(abstract.axis_sizes), abstract.axis_names,
+                axis_types=abstract.axis_types)
 
 
 def _agreed_check(candidates: int, dim: int, metric: str, block_sizes: BlockSizes | None, *,

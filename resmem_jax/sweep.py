@@ -110,14 +110,16 @@ def _rank_key(row: dict):
   return (*last_if_nan(row["mse"]), *knobs)
 
 
-def _check_grid(name: str, values, check) -> tuple:
+def check_grid(name: str, values, check, *, distinct: bool = True) -> tuple:
+  """`check(f"{name}[i]", value)` of each value of a non-empty sequence (or 1-d array)
+  of settings, as a tuple; with `distinct`, a repeated value raises too."""
   if isinstance(values, (np.ndarray, jax.Array)) and values.ndim == 1:
     values = values.tolist()  # a 1-d array of settings, e.g. np.geomspace(0.1, 10, 5)
   if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
     raise ValueError(f"{name} must be a non-empty sequence (or 1-d array), got "
                      f"{name}={values!r}")
   out = tuple(check(f"{name}[{i}]", x) for i, x in enumerate(values))
-  if len(set(out)) != len(out):
+  if distinct and len(set(out)) != len(out):
     raise ValueError(f"{name} must not repeat a value, got {name}={values!r}")
   return out
 
@@ -363,18 +365,18 @@ def sweep(mem_or_parts: Memory | tuple, embeddings, base_outputs, targets, *,
     raise ValueError(f"embeddings must hold at least one held-out point, got "
                      f"embeddings.shape={tuple(embeddings.shape)}")
   targets = _check_query_targets(mem, targets, base_outputs)
-  ks = tuple(sorted(_check_grid("ks", ks, lambda name, k: check_k_exclude(
+  ks = tuple(sorted(check_grid("ks", ks, lambda name, k: check_k_exclude(
       mem, n_q, k, exclude, k_name=name)[0])))
   _, exclude = check_k_exclude(mem, n_q, ks[-1], exclude)
-  sigmas = _check_grid("sigmas", sigmas, check_sigma)
-  lams = _check_grid("lams", lams, _check_lam)
+  sigmas = check_grid("sigmas", sigmas, check_sigma)
+  lams = check_grid("lams", lams, _check_lam)
   if meta.task == "regression":
     _check_no_temperatures(temperatures)
     temperatures = (None,)
   elif temperatures is None:
     temperatures = (meta.temperature,)
   else:
-    temperatures = _check_grid("temperatures", temperatures, check_temperature)
+    temperatures = check_grid("temperatures", temperatures, check_temperature)
   query_chunk = v.check_int("query_chunk", query_chunk, low=1)
 
   k_max = ks[-1]

@@ -246,19 +246,13 @@ MAX_SEED = 2**32 - 1
 
 def check_resmem_grids(ks, sigmas, temperatures, *, prefix: str = "") -> None:
   """Raises ValueError or TypeError naming the first ResMem grid value out of range, as
-  written (before `sigmas` are scaled): ks ints >= 1, sigmas and temperatures finite
-  and > 0, each grid a non-empty sequence."""
-  for name, values in (("ks", ks), ("sigmas", sigmas), ("temperatures", temperatures)):
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-      raise ValueError(f"{prefix}{name} must be a non-empty sequence, got "
-                       f"{prefix}{name}={values!r}")
-  for i, k in enumerate(ks):
-    v.check_int(f"{prefix}ks[{i}]", k, low=1)
-  for name, values in (("sigmas", sigmas), ("temperatures", temperatures)):
-    for i, x in enumerate(values):
-      if isinstance(x, bool) or not isinstance(x, (int, float, np.number)):
-        raise TypeError(f"{prefix}{name}[{i}] must be a float, got {prefix}{name}[{i}]={x!r}")
-      v.check_positive(f"{prefix}{name}[{i}]", x)
+  written (before `sigmas` are scaled), with `rm.sweep`'s checks: ks ints >= 1 (repeats
+  allowed: they are merged), sigmas and temperatures distinct, finite and > 0."""
+  from resmem_jax.memory import check_temperature  # pylint: disable=g-import-not-at-top
+  from resmem_jax.sweep import check_grid  # pylint: disable=g-import-not-at-top
+  check_grid(f"{prefix}ks", ks, lambda name, k: v.check_int(name, k, low=1), distinct=False)
+  check_grid(f"{prefix}sigmas", sigmas, check_temperature)
+  check_grid(f"{prefix}temperatures", temperatures, check_temperature)
 
 
 def check_training_config(config: ml_collections.ConfigDict) -> None:
