@@ -67,8 +67,8 @@ def query_bucket(n: int) -> int:
 # or run in this process, or disagreed with the XLA path on the check problem: the
 # default there is the XLA path from then on.
 _PALLAS_FAILED: set[str] = set()
-# Kernel configurations (platform, metric, candidates, D, tiles) that passed the check
-# problem in this process (`_check_kernel`).
+# Kernel configurations (platform, metric, candidates, D, tiles, the caller's abstract
+# mesh) that passed the check problem in this process (`_check_kernel`).
 _PALLAS_CHECKED: set[tuple] = set()
 # The check problem: query and key counts past whole tiles of every default tiling
 # (query tiles of 32, 64 or 128 rows, key tiles of 32 to 512); at least this many keys,
@@ -560,7 +560,10 @@ def _default_kernel_or_xla(search: Callable, queries, keys, *, k: int, metric: s
   caller's.
   """
   candidates = n_candidates(k, keys.shape[0])
-  config = (_platform(), metric, candidates, queries.shape[1], block_sizes)
+  # The caller's mesh too: the check runs under it (`_callers_mesh`), and a kernel may
+  # pass without a mesh and fail under one.
+  config = (_platform(), metric, candidates, queries.shape[1], block_sizes,
+            jax.sharding.get_abstract_mesh())
   traced = v.is_traced(queries) or v.is_traced(keys)
   try:
     if config not in _PALLAS_CHECKED:

@@ -303,6 +303,32 @@ def test_the_check_runs_under_the_callers_mesh(broken_default_kernel, monkeypatc
   np.testing.assert_array_equal(got, resmem_jax.knn(queries, keys, 5, implementation="xla").indices)
 
 
+def test_a_kernel_checked_without_a_mesh_is_checked_again_under_one(broken_default_kernel,
+                                                                   monkeypatch):
+  """A configuration that passed the check without a mesh skipped it under one, and a
+  kernel failing there alone was then raised under jit."""
+  xla = IMPLEMENTATIONS["xla"]
+
+  def fails_under_a_mesh(queries, keys, k, **kwargs):
+    if not jax.sharding.get_abstract_mesh().empty:
+      raise NotImplementedError("not under a mesh")
+    return xla(queries, keys, k, **kwargs)
+
+  monkeypatch.setitem(IMPLEMENTATIONS, "pallas", fails_under_a_mesh)
+  # Shapes no other test searches: a kernel double that runs is compiled into the
+  # search's jit cache, whose key does not hold IMPLEMENTATIONS.
+  queries, keys = _data(n_q=300, n=640, dim=5, seed=4)
+  want = resmem_jax.knn(queries, keys, 5, implementation="xla").indices
+  np.testing.assert_array_equal(resmem_jax.knn(queries, keys, 5).indices, want)
+  assert len(api._PALLAS_CHECKED) == 1 and not api._PALLAS_FAILED
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    with pytest.warns(UserWarning, match="NotImplementedError: not under a mesh"):
+      got = jax.jit(lambda q, x: resmem_jax.knn(q, x, 5).indices)(queries, keys)
+  np.testing.assert_array_equal(got, want)
+  assert len(api._PALLAS_CHECKED) == 1 and api._PALLAS_FAILED == {"tpu"}
+
+
 def test_the_device_running_out_of_memory_is_raised_and_keeps_the_kernel(
     broken_default_kernel, monkeypatch):
   """Out of device memory depends on what else the process holds, not on the kernel:
