@@ -38,7 +38,9 @@ Backends:
 * TPU (Mosaic): grid (query tiles "parallel", key tiles "arbitrary", innermost); the
   running top-k lives in VMEM scratch. Tiles follow the (8, 128) layout: block_q is
   rounded up to a multiple of 8, block_n to a multiple of 128; the running top-k is
-  padded to whole 128-lane rows so every store is lane-dense.
+  padded to whole 128-lane rows so every store is lane-dense. The default tiles keep
+  an estimate of the kernel's VMEM use (`tpu_vmem_bytes`) under 12 MiB at every
+  supported D and k, below the 16 MiB default scoped VMEM limit of a v5e.
 * GPU (Triton, chosen deliberately over Mosaic GPU for the jax versions we support):
   in jax 0.10.2 Mosaic GPU is the default Pallas GPU lowering
   (`jax_pallas_use_mosaic_gpu` defaults to True) and the Triton lowering is on its
@@ -117,6 +119,9 @@ PAIRS_CHUNK = 16  # keys per chunk of the GPU pairs kernel (l2, k > GPU_MAX_K)
 PAIRS_BYTES = 1 << 30  # chunk pairs held at once by the GPU pairs path
 PAIRS_DIM_STEP = 32  # columns per step of the pairs kernel's dot
 TPU_MAX_DIM = 4096  # a (block_n, D) f32 key tile, double-buffered, must fit in VMEM
+# Default TPU tiles keep `tpu_vmem_bytes` within this: Mosaic's default scoped VMEM
+# limit is 16 MiB on v5e (32 MiB on v6e), and the estimate leaves out its own scratch.
+TPU_VMEM_BUDGET = 12 << 20
 GPU_MAX_DIM = 256  # a (block_n, D) key tile lives in registers
 # The Triton rounds kernel splits the key tiles until its grid has about this many
 # programs (a few per SM of a large GPU: 132 on an H100), each split at least
@@ -131,13 +136,18 @@ def default_block_sizes(platform: str, k: int, dim: int) -> BlockSizes:
   """Starting tiles per platform (not yet tuned on hardware: none was available).
 
   TPU: 128 query rows fill the MXU's rows; 512 keys keep the score tile at 256 KiB of
-  VMEM; the key tile shrinks with D so that it stays near 2 MiB. GPU (Triton): tiles
-  small enough for the score tile and both operand tiles to sit in registers. CPU
-  (interpret mode): few, large grid steps, since each step is interpreted.
+  VMEM; the key tile shrinks with D so that it stays near 1 MiB (128 keys at least, one
+  lane row: 2 MiB at D = 4096), and the query tile halves from 128 rows until `tpu_vmem_bytes` fits
+  TPU_VMEM_BUDGET (at D = 4096 it takes 64 rows). GPU (Triton): tiles small enough for
+  the score tile and both operand tiles to sit in registers. CPU (interpret mode): few,
+  large grid steps, since each step is interpreted.
   """
   if platform == "tpu":
-    block_n = max(LANES, min(512, (1 << 19) // max(dim, 1) // LANES * LANES))
-    return BlockSizes(block_q=128, block_n=block_n, chunk=0)
+    block_n = max(LANES, min(512, (1 << 18) // max(dim, 1) // LANES * LANES))
+    block_q = 128
+    while block_q > SUBLANES and tpu_vmem_bytes(block_q, block_n, dim, k) > TPU_VMEM_BUDGET:
+      block_q //= 2
+    return BlockSizes(block_q=block_q, block_n=block_n, chunk=0)
   if platform == "gpu" and k > GPU_MAX_K:  # the pairs kernel (l2)
     return BlockSizes(block_q=64, block_n=128, chunk=PAIRS_CHUNK, pairs=True)
   if platform == "gpu":
@@ -145,6 +155,27 @@ def default_block_sizes(platform: str, k: int, dim: int) -> BlockSizes:
       return BlockSizes(block_q=64, block_n=64, chunk=0)
     return BlockSizes(block_q=32, block_n=32, chunk=0)
   return BlockSizes(block_q=64, block_n=512, chunk=0)
+
+
+def tpu_vmem_bytes(block_q: int, block_n: int, dim: int, k: int) -> int:
+  """An estimate of the TPU kernel's VMEM use, in bytes (not measured on a TPU).
+
+  Counts, all 4-byte words: the input blocks, double-buffered (query and key tiles,
+  the (1, D) centring rows and the (1, block_n) key norms, each padded to 8 sublanes);
+  the output blocks, double-buffered; the running top-k scratch; and the largest
+  values the kernel body holds: the centred key tile, four (block_q, block_n) tiles
+  (scores, columns, masks) and, for the binned selection, a copy of its registers.
+  Tile sizes are rounded to the (8, 128) layout as `_knn_tpu` rounds them.
+  """
+  block_q, block_n = _round_up(block_q, SUBLANES), _round_up(block_n, LANES)
+  width = _round_up(k, LANES)
+  binned = k > SMALL_K_MAX
+  slots = binned_depth(k) * LANES if binned else width
+  inputs = block_q * dim + block_n * dim + 2 * SUBLANES * dim + SUBLANES * block_n
+  outputs = 2 * block_q * width + (block_q * LANES if binned else 0)
+  scratch = 2 * block_q * slots
+  body = block_n * dim + 4 * block_q * block_n + (scratch if binned else 0)
+  return 4 * (2 * inputs + 2 * outputs + scratch + body)
 
 
 def backend_for(platform: str) -> str:

@@ -76,6 +76,17 @@ def test_default_tiles(k):
   check_result(resmem_jax.knn(queries, keys, k, implementation="pallas"), queries, keys, k)
 
 
+@pytest.mark.parametrize("dim", [1, 64, 700, 1024, 2048, 4096])
+@pytest.mark.parametrize("k", [1, 32, 33, 256])
+def test_default_tpu_tiles_fit_the_vmem_budget(dim, k):
+  """Default TPU tiles follow the (8, 128) layout and keep the kernel's estimated VMEM
+  within budget, below v5e's 16 MiB default scoped limit, up to TPU_MAX_DIM."""
+  tiles = pk.default_block_sizes("tpu", k, dim)
+  assert tiles.block_q % 8 == 0 and tiles.block_n % 128 == 0, tiles
+  assert pk.tpu_vmem_bytes(tiles.block_q, tiles.block_n, dim, k) <= pk.TPU_VMEM_BUDGET
+  assert pk.TPU_VMEM_BUDGET < 16 << 20
+
+
 # --------------------------------------------------------------------------------------
 # The selection helpers on plain arrays (no Pallas): exact against a sort.
 
@@ -395,13 +406,13 @@ def test_certificate_allows_for_the_pairs_tag(monkeypatch):
 # passes and ptxas run only at compile time on the device: not covered here.)
 
 
-@pytest.mark.parametrize("backend,platform,k,tiles", [
-    ("tpu", "tpu", 10, None), ("tpu", "tpu", 100, None),
-    ("triton", "cuda", 16, None),  # rounds
-    ("triton", "cuda", 100, None),  # pairs
-    ("triton", "cuda", 16, BlockSizes(block_q=64, block_n=128, chunk=16, pairs=True))])
-def test_lowers_for_the_device(backend, platform, k, tiles):
-  dim = 64
+@pytest.mark.parametrize("backend,platform,k,tiles,dim", [
+    ("tpu", "tpu", 10, None, 64), ("tpu", "tpu", 100, None, 64),
+    ("tpu", "tpu", 100, None, 4096),  # the largest D: a 64-row query tile
+    ("triton", "cuda", 16, None, 64),  # rounds
+    ("triton", "cuda", 100, None, 64),  # pairs
+    ("triton", "cuda", 16, BlockSizes(block_q=64, block_n=128, chunk=16, pairs=True), 64)])
+def test_lowers_for_the_device(backend, platform, k, tiles, dim):
   tiles = tiles or pk.default_block_sizes("gpu" if backend == "triton" else "tpu", k, dim)
   fn = jax.jit(functools.partial(pk.knn_pallas, k=k, metric="l2", block_sizes=tiles,
                                  backend=backend, interpret=False))
