@@ -39,6 +39,25 @@ def test_classification_residuals_match_numpy(temperature):
   np.testing.assert_allclose(got.sum(axis=1), 0.0, atol=1e-6)  # rows of onehot - softmax
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_logits_are_scored_in_float32(dtype):
+  """A bfloat16 model's logits are taken as they are but scored in float32: softmax at
+  bfloat16's 3 digits would be off by ~1e-3, and predict returns float32."""
+  x, y, z = _data()
+  z16 = jnp.asarray(z, dtype)
+  want = _softmax64(np.asarray(z16, np.float64), 1.5)
+  got = rm.base_prediction(z16, task="classification", temperature=1.5)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  res = rm.residuals(y, z16, task="classification", temperature=1.5)
+  np.testing.assert_allclose(res, np.eye(z.shape[1])[y] - want, atol=1e-6)
+  mem = rm.build_memory(x, y, z16, task="classification", temperature=1.5)
+  np.testing.assert_allclose(mem.residuals, np.eye(z.shape[1])[y] - want, atol=1e-6)
+  out = rm.predict(mem, x[:5], z16[:5], k=1, sigma=1.0)  # each query's own row
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, np.eye(z.shape[1])[y[:5]], atol=2e-6)
+
+
 def test_regression_residuals_match_numpy():
   rng = np.random.default_rng(1)
   y, f = rng.normal(size=(2, 30, 3)).astype(np.float32)

@@ -9,7 +9,7 @@ import pytest
 
 import resmem_jax as rm
 from resmem_jax.kernels import api as knn_api
-from resmem_jax.predict import AGGREGATE_BUDGET, _combine
+from resmem_jax.predict import AGGREGATE_BATCH, AGGREGATE_BUDGET, _combine, aggregate_batch
 
 
 def _softmax64(z, t):
@@ -170,10 +170,12 @@ def test_out_of_range_labels_under_jit_give_nan_residuals():
   _, x, y, z, _, _ = _classification()
   y = np.asarray(y).copy()
   y[2] = z.shape[1]  # one past the last class
+  y[5] = -1  # the usual "no label" marker: its one-hot is zeros, a plausible residual
   mem = jax.jit(lambda yy: rm.build_memory(x, yy, z, task="classification",
                                            temperature=1.0))(y)
   res = np.asarray(mem.residuals)
-  assert np.all(np.isnan(res[2])) and np.all(np.isfinite(np.delete(res, 2, axis=0)))
+  assert np.all(np.isnan(res[[2, 5]]))
+  assert np.all(np.isfinite(np.delete(res, [2, 5], axis=0)))
   with pytest.raises(ValueError, match=r"targets must be labels in \[0, C=\d+\)"):
     rm.build_memory(x, y, z, task="classification", temperature=1.0)
 
@@ -236,6 +238,29 @@ def test_differentiable_in_the_query_embeddings_also_on_a_key():
     shift[j] = step
     want[:, j] = (f(xq + shift) - f(xq - shift)) / (2 * step)
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_k_may_equal_the_memory_size():
+  """1 <= k <= N: k = N weighs the whole memory, in predict and in sweep."""
+  mem, x, y, z, xq, zq = _classification(n=20, q=7)
+  res = np.eye(z.shape[1])[y] - _softmax64(z, 1.5)
+  want, _, _ = resmem_numpy(x, res, xq, _softmax64(zq, 1.5), 20, 0.7)
+  np.testing.assert_allclose(rm.predict(mem, xq, zq, k=20, sigma=0.7), want, atol=2e-6)
+  yq = np.arange(7) % z.shape[1]
+  row = rm.sweep(mem, xq, zq, yq, ks=(20,), sigmas=(0.7,)).best["resmem"]
+  log_loss = -np.log(np.clip(want[np.arange(7), yq], 1e-7, 1.0)).mean()
+  assert row["k"] == 20 and row["log_loss"] == pytest.approx(log_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("n_q", [1, 37, 5000])
+def test_residual_gather_batch_is_the_largest_power_of_two_within_the_budget(n_q):
+  """(batch, k, C) stays within AGGREGATE_BUDGET floats, with the largest such power
+  of two (at most AGGREGATE_BATCH and the query count; 1 if even one row is over)."""
+  for k in (1, 3, 10, 100, 1000, 5000):
+    for c in (1, 7, 100, 1000, 10000):
+      b = aggregate_batch(n_q, k, c)
+      fits = [2 ** e for e in range(10) if 2 ** e * k * c <= AGGREGATE_BUDGET]
+      assert b == min(AGGREGATE_BATCH, n_q, max(fits, default=1)), (n_q, k, c, b)
 
 
 def test_residual_gather_stays_within_its_budget_at_large_k_and_c():

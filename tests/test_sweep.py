@@ -12,7 +12,7 @@ import importlib
 
 predict_module = importlib.import_module("resmem_jax.predict")
 
-KS, SIGMAS, TEMPS, LAMS = (1, 4, 9), (0.2, 1.5), (0.5, 2.0), (0.3, 0.8)
+KS, SIGMAS, TEMPS, LAMS = (1, 4, 9), (0.2, 1.5), (0.5, 2.0), (0.0, 0.3, 0.8)  # lam 0: DeepNet
 
 
 def _softmax(z, t):
@@ -255,10 +255,45 @@ def test_exact_ties_do_not_depend_on_grid_order(cls_data):
     assert bests[0][method] == bests[1][method]
     assert bests[0][method]["sigma"] == 0.5
   sweep_module = importlib.import_module("resmem_jax.sweep")
-  rows = [{"mse": 1.0, "k": 8, "sigma": 1.0}, {"mse": 1.0, "k": 2, "sigma": 4.0},
-          {"mse": 1.0, "k": 2, "sigma": 0.5}]
+  # The smaller k first, then the smaller sigma (not the smallest sigma overall).
+  rows = [{"mse": 1.0, "k": 8, "sigma": 0.5}, {"mse": 1.0, "k": 2, "sigma": 4.0},
+          {"mse": 1.0, "k": 2, "sigma": 0.7}]
   assert min(rows, key=sweep_module._rank_key) is rows[2]
   assert min(rows[::-1], key=sweep_module._rank_key) is rows[2]
+
+
+def test_a_tied_argmax_reads_as_the_first_class():
+  """The predicted class is argmax p, the first of tied maxima (NumPy's rule): a tie
+  between the true class and an earlier one is wrong, with a later one right. Ties are
+  common at large sigma, where kNN weights are exactly 1/k."""
+  sweep_module = importlib.import_module("resmem_jax.sweep")
+  scores = np.array([[0.5, 0.5, 0.0], [0.2, 0.4, 0.4], [0.25, 0.25, 0.5]], np.float32)
+  correct, _ = sweep_module._correct_and_log_loss(scores, 1)
+  np.testing.assert_array_equal(correct, (scores.argmax(1) == 1).astype(np.float32))
+  np.testing.assert_array_equal(correct, [0.0, 1.0, 0.0])
+
+
+def test_ks_in_any_order_give_the_same_table(cls_data):
+  """The search must find max(ks) neighbours whatever order ks come in."""
+  x, y, z, xq, yq, zq = cls_data
+  mem = rm.build_memory(x, y, z, task="classification", temperature=1.0)
+  tables = [{_key(r): r for r in rm.sweep(mem, xq, zq, yq, ks=ks, sigmas=SIGMAS,
+                                          temperatures=(1.0,), lams=(0.5,)).table}
+            for ks in ((1, 4, 9), (9, 1, 4))]
+  assert tables[0] == tables[1]
+
+
+def test_temperatures_default_to_the_memorys(cls_data):
+  """Without `temperatures` the sweep scores at the memory's own T, as documented."""
+  x, y, z, xq, yq, zq = cls_data
+  mem = rm.build_memory(x, y, z, task="classification", temperature=2.0)
+  result = rm.sweep(mem, xq, zq, yq, ks=KS, sigmas=SIGMAS, lams=LAMS)
+  assert {r["temperature"] for r in result.table} == {2.0, None}  # None: plain kNN
+  want = _numpy_table(x, y, z, xq, yq, zq)
+  for row in result.table:
+    acc, ll = want[_key(row)]
+    assert row["accuracy"] == pytest.approx(acc, abs=1e-12), row
+    assert row["log_loss"] == pytest.approx(ll, rel=1e-5, abs=1e-5), row
 
 
 def test_regression_resmem_under_a_large_offset_equals_predict():
