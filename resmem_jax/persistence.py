@@ -201,7 +201,11 @@ def save_memory(path: str | os.PathLike, mem: Memory, *, overwrite: bool = False
     raise
   ckptr.close()
   if jax.process_index() == 0:
-    _move_into_place(tmp, path, old=path.parent / f"{path.name}.old-{suffix}")
+    try:
+      _move_into_place(tmp, path, old=path.parent / f"{path.name}.old-{suffix}")
+    except BaseException:
+      _remove_quietly([tmp])  # the finished copy that could not be renamed into place
+      raise
   _sync(f"resmem_save_memory_{suffix}")
   return os.fspath(path)
 

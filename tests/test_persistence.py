@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -11,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import resmem_jax as rm
 from resmem_jax import persistence
@@ -162,8 +165,16 @@ def test_float64_memory_needs_x64_to_load(tmp_path):
     rm.load_memory(path)
 
 
-def test_loads_format_version_1(tmp_path):
-  mem = _memory()
+@pytest.mark.parametrize("task,output_shape", [
+    ("classification", (3,)), ("regression", (2,)), ("regression", ())])
+def test_loads_format_version_1(tmp_path, task, output_shape):
+  if task == "classification":
+    mem = _memory()
+  else:  # regression targets shaped (N,) + output_shape
+    rng = np.random.default_rng(1)
+    y, z = rng.normal(size=(2, 64) + output_shape).astype(np.float32)
+    mem = rm.build_memory(rng.normal(size=(64, 5)).astype(np.float32), y, z,
+                          task="regression")
   path = rm.save_memory(tmp_path / "mem", mem)
   meta_file = tmp_path / "mem" / "meta" / "metadata"
   raw = json.loads(meta_file.read_text())
@@ -171,7 +182,10 @@ def test_loads_format_version_1(tmp_path):
   meta_file.write_text(json.dumps(dict(raw, format_version=1)))
   loaded = rm.load_memory(path)
   assert loaded.meta == mem.meta
-  np.testing.assert_array_equal(loaded.residuals, mem.residuals)
+  for name in ("keys", "residuals", "outputs", "targets"):
+    got, want = getattr(loaded, name), getattr(mem, name)
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), name
+    np.testing.assert_array_equal(got, want, err_msg=name)
   meta_file.write_text(json.dumps(dict(raw, format_version=99)))
   with pytest.raises(ValueError, match="format_version=99"):
     rm.load_memory(path)
@@ -216,6 +230,12 @@ def test_paths_expand_home_and_keep_cloud_urls(tmp_path, monkeypatch):
     (lambda raw: raw["arrays"]["residuals"].update(dtype="bfloat16"),
      "residuals is stored as float32"),
     (lambda raw: raw["arrays"]["targets"].update(dtype="uint8"), "targets is stored as int32"),
+    # Sizes the arrays do not have: the memory would contradict itself (and pass
+    # load_memory(dim=4)).
+    (lambda raw: raw.update(dim=4), "disagrees with its metadata"),
+    (lambda raw: raw.update(n_outputs=4, output_shape=[4]), "disagrees with its metadata"),
+    (lambda raw: (raw["arrays"]["keys"].update(shape=[64, 4]), raw.update(dim=4)),
+     r"keys is stored as float32\[64, 5\], the metadata says float32\[64, 4\]"),
     (lambda raw: raw.update(size=63), "size=63 but the arrays hold N=64"),
     (lambda raw: raw.update(format_version=True), "format_version=True"),
     (lambda raw: raw.update(format_version=2.0), "format_version=2.0"),
@@ -275,3 +295,53 @@ def test_load_refuses_a_memory_without_its_arrays(tmp_path):
   shutil.rmtree(tmp_path / "mem" / "arrays")
   with pytest.raises(ValueError, match="is incomplete"):
     rm.load_memory(path)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_failed_rename_into_place_keeps_the_old_memory_and_no_copy(tmp_path, monkeypatch,
+                                                                     overwrite):
+  """The new memory is written beside `path` and renamed into place; when that rename
+  fails, the old memory (if any) is back at `path`, and neither the old one moved aside
+  nor the new copy is left behind."""
+  path = tmp_path / "mem"
+  if overwrite:
+    rm.save_memory(path, _memory(fingerprint="old"))
+  cls = type(epath.Path(tmp_path))
+  real_rename = cls.rename
+
+  def rename(self, target):
+    if re.fullmatch(r"mem\.tmp-[0-9a-f]+", self.name):  # the finished memory, into place
+      raise OSError("rename failed")
+    return real_rename(self, target)
+
+  monkeypatch.setattr(cls, "rename", rename)
+  with pytest.raises(OSError, match="rename failed"):
+    rm.save_memory(path, _memory(fingerprint="new"), overwrite=overwrite)
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == (["mem"] if overwrite else [])
+  if overwrite:
+    assert rm.load_memory(path).meta.fingerprint == "old"
+
+
+def test_overwrite_refuses_a_directory_whose_metadata_is_not_a_memorys(tmp_path):
+  """Another Orbax checkpoint with a "meta" item (no format_version) is not a saved
+  memory: overwrite=True must not delete it, nor the files beside it."""
+  other = tmp_path / "train_ckpt"
+  (other / "meta").mkdir(parents=True)
+  (other / "meta" / "metadata").write_text(json.dumps({"step": 3}))
+  (other / "precious.txt").write_text("keep me")
+  with pytest.raises(ValueError, match="path is a directory without one"):
+    rm.save_memory(other, _memory(), overwrite=True)
+  assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_load_places_every_array_with_the_given_row_sharding(tmp_path):
+  mem = _memory()
+  path = rm.save_memory(tmp_path / "mem", mem)
+  mesh = jax.make_mesh((1,), ("data",))
+  loaded = rm.load_memory(path, sharding=NamedSharding(mesh, P("data")))
+  for name in ("keys", "residuals", "outputs", "targets"):
+    sharding = getattr(loaded, name).sharding
+    assert isinstance(sharding, NamedSharding), (name, sharding)
+    assert sharding.mesh == mesh and sharding.spec[0] == "data", (name, sharding)
+    np.testing.assert_array_equal(getattr(loaded, name), getattr(mem, name))
