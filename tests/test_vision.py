@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from resmem_jax import analysis
+from resmem_jax import SweepResult
 from resmem_jax import configs
 from resmem_jax import models
 from resmem_jax import train
@@ -333,3 +334,120 @@ def test_provenance_names_the_versions_and_this_checkout(monkeypatch):
   monkeypatch.setattr(subprocess, "run", no_git)
   got = analysis.provenance()
   assert got["git_commit"] is None and got["git_dirty"] is None
+
+# --------------------------------------------------------------------------------------
+# Analyses and figures against hand-written expectations (from a mutation audit: each
+# test fails on a plausible slip that the tests above let through).
+
+
+def test_fixed_and_broken_against_a_loop():
+  """An example both models get wrong is neither fixed nor broken."""
+  rng = np.random.default_rng(5)
+  labels, base, res = rng.integers(0, 4, (3, 200))
+  got = analysis.fixed_and_broken(labels, base, res)
+  assert ((base != labels) & (res != labels)).any()  # the case that tells them apart
+  assert got["fixed"].tolist() == [i for i in range(200)
+                                   if base[i] != labels[i] and res[i] == labels[i]]
+  assert got["broken"].tolist() == [i for i in range(200)
+                                    if base[i] == labels[i] and res[i] != labels[i]]
+
+
+def test_per_class_gain_covers_every_class_and_no_more():
+  """Classes above the largest label present get an entry (null); a label equal to
+  num_classes is out of range."""
+  gain = analysis.per_class_gain(np.array([0, 0, 1]), np.array([0, 1, 1]),
+                                 np.array([0, 0, 0]), 4)
+  assert gain["count"] == [2, 1, 0, 0]
+  assert gain["deepnet_accuracy"] == [0.5, 1.0, None, None]
+  assert gain["resmem_accuracy"] == [1.0, 0.0, None, None]
+  assert gain["gain"] == [0.5, -1.0, None, None]
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=2\), got "
+                                       r"labels\[1\]=2"):
+    analysis.per_class_gain(np.array([0, 2]), np.array([0, 1]), np.array([0, 1]), 2)
+
+
+def _sweep_row(method, k, sigma, temperature, lam, **metrics):
+  return dict(method=method, k=k, sigma=sigma, temperature=temperature, lam=lam, **metrics)
+
+
+def _synthetic_sweep():
+  """2 ks x 3 sigmas of ResMem, and of kNN-LM at two lams, every cell a distinct
+  accuracy; the best settings lie off the diagonal."""
+  table, acc = [], iter(np.linspace(0.10, 0.90, 40))
+  for method, lams in (("resmem", (None,)), ("knn_lm", (0.2, 0.5))):
+    for lam in lams:
+      for k in (1, 5):
+        for sigma in (0.1, 1.0, 10.0):
+          table.append(_sweep_row(method, k, sigma, 1.0, lam, accuracy=float(next(acc)),
+                                  log_loss=1.0))
+  best = {"resmem": _sweep_row("resmem", 1, 10.0, 1.0, None, accuracy=0.9, log_loss=1.0),
+          "knn_lm": _sweep_row("knn_lm", 5, 0.1, 1.0, 0.2, accuracy=0.9, log_loss=1.0)}
+  return SweepResult(table=tuple(table), best=best, metric="accuracy", n_queries=10)
+
+
+def test_sweep_heatmap_of_hand_made_tables():
+  """The outline at (column sigma, row k) of an off-diagonal best; the kNN-LM map at
+  the best lam; a regression map annotated with the mse itself."""
+  result = _synthetic_sweep()
+  (outline,) = analysis.plot_sweep_heatmap(result).axes[0].patches
+  assert outline.get_xy() == (2 - 0.5, 0 - 0.5)  # sigma 10 is column 2, k 1 row 0
+  ax = analysis.plot_sweep_heatmap(result, method="knn_lm").axes[0]
+  assert sorted(t.get_text() for t in ax.texts) == sorted(
+      f"{100 * r['accuracy']:.1f}" for r in result.table
+      if r["method"] == "knn_lm" and r["lam"] == 0.2)
+  assert "lam=0.2" in ax.get_title()
+  table = tuple(_sweep_row("resmem", k, s, None, None, mse=0.01 * (i + 1))
+                for i, (k, s) in enumerate([(1, 0.5), (1, 2.0), (4, 0.5), (4, 2.0)]))
+  best = {"resmem": table[0], "deepnet": _sweep_row("deepnet", None, None, None, None,
+                                                    mse=0.5)}
+  ax = analysis.plot_sweep_heatmap(SweepResult(
+      table=table, best=best, metric="mse", n_queries=10)).axes[0]
+  assert sorted(t.get_text() for t in ax.texts) == ["0.01", "0.02", "0.03", "0.04"]
+  assert "deepnet alone: 0.5" in ax.get_title()
+
+
+def test_size_sweep_table_puts_each_method_in_its_column():
+  rows = [{"size": "s", "params": 10, "seed": 0, "deepnet_test_accuracy": 0.5,
+           "resmem_test_accuracy": 0.6, "baselines": {"knn": 0.81, "knn_lm": 0.73}}]
+  head, _, line = analysis.format_size_sweep_table(rows).splitlines()
+  assert head.split()[-6:] == ["DeepNet", "ResMem", "gain", "soft", "kNN", "kNN-LM"]
+  assert re.findall(r"([+-]?\d+\.\d+) ±", line) == ["50.00", "60.00", "+10.00", "81.00",
+                                                     "73.00"]
+
+
+def test_neighbour_cells_show_their_own_image_label_weight_and_predictions():
+  rows, shown = 3, 4
+  rng = np.random.default_rng(7)
+  args = dict(
+      query_images=rng.integers(0, 256, (rows, 6, 6, 1), dtype=np.uint8),
+      query_labels=np.arange(rows), base_pred=np.arange(rows) + 1,
+      resmem_pred=np.arange(rows) + 5,
+      neighbour_images=rng.integers(0, 256, (rows, shown, 6, 6, 1), dtype=np.uint8),
+      neighbour_labels=np.arange(rows * shown).reshape(rows, shown),
+      weights=np.arange(1, rows * shown + 1).reshape(rows, shown) / 100)
+  axes = np.array(analysis.plot_neighbours(**args).axes).reshape(rows, shown + 1)
+  for r in range(rows):
+    assert axes[r, 0].get_title() == f"y={r}\nnet {r + 1} / rm {r + 5}"
+    np.testing.assert_array_equal(axes[r, 0].images[0].get_array(),
+                                  args["query_images"][r, ..., 0])
+    for j in range(shown):
+      np.testing.assert_array_equal(axes[r, j + 1].images[0].get_array(),
+                                    args["neighbour_images"][r, j, ..., 0])
+      assert axes[r, j + 1].get_title() == (
+          f"y={args['neighbour_labels'][r, j]}\nw={(shown * r + j + 1) / 100:.2f}")
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+  path = str(tmp_path / "a.json")
+  analysis.write_json(path, {"acc": 0.5})
+
+  def replace(src, dst):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(os, "replace", replace)
+  with pytest.raises(OSError, match="disk full"):
+    analysis.write_json(path, {"acc": 0.9})
+  monkeypatch.undo()
+  with open(path) as f:
+    assert json.load(f) == {"acc": 0.5}
+  assert os.listdir(tmp_path) == ["a.json"]
