@@ -24,6 +24,7 @@ import resmem_jax
 from resmem_jax.kernels import BlockSizes, api
 from resmem_jax.kernels import pallas_knn as pk
 from resmem_jax.kernels import xla
+from resmem_jax.kernels.base import Centring
 
 pltpu = pk.pltpu
 
@@ -398,6 +399,246 @@ def test_certificate_allows_for_the_pairs_tag(monkeypatch):
   assert not tags("pallas", 10, "l2", None)  # the rounds kernel
   assert not tags("pallas", 10, "ip", PAIR_TILES)
   assert not tags("reference", 10, "l2", None)
+
+
+# --------------------------------------------------------------------------------------
+# From a mutation audit: the kernels called directly (the contract suite reaches them
+# through `knn`, whose certificate and exact fallback turn a kernel that ranks badly
+# into a silent slowdown), on tied data, mixed batches, centring and ragged chunks.
+
+INT_MAX = np.iinfo(np.int32).max
+
+
+def bins_of(scores, depth):
+  """Runs sink_into_bins over a (rows, n) score matrix, n a multiple of 128."""
+  rows, n = scores.shape
+  regs = [jnp.full((rows, 128), jnp.inf)] * depth
+  regs_idx = [jnp.full((rows, 128), INT_MAX, jnp.int32)] * depth
+  for c in range(n // 128):
+    cols = jnp.broadcast_to(c * 128 + jnp.arange(128, dtype=jnp.int32), (rows, 128))
+    regs, regs_idx = pk.sink_into_bins(jnp.asarray(scores[:, c * 128:(c + 1) * 128]), cols,
+                                       list(regs), list(regs_idx))
+  return regs, regs_idx
+
+
+# --------------------------------------------------------------------------------------
+# Binned selection with exact ties.
+
+
+def test_bins_keep_the_lowest_indices_of_tied_scores():
+  """Scores in {0, 1}: each lane holds ~10 zeros, more than its m - 1 registers, so the
+  bins must keep the lowest-index zeros (sinking insertion strictly below); the rows are
+  then certified and equal a lexsort. (`bubble <= regs[i]` would keep the highest.)"""
+  rng = np.random.default_rng(5)
+  rows, n, k = 8, 128 * 20, 40
+  scores = rng.integers(0, 2, size=(rows, n)).astype(np.float32)
+  regs, regs_idx = bins_of(scores, pk.binned_depth(k))
+  out, out_idx, ok = pk.certify_and_extract(regs, regs_idx, k, 128)
+  want, want_idx = lexsorted(scores, np.broadcast_to(np.arange(n), scores.shape), k)
+  assert (np.asarray(ok)[:, 0] > 0).all()
+  np.testing.assert_array_equal(np.asarray(out_idx)[:, :k], want_idx)
+  np.testing.assert_array_equal(np.asarray(out)[:, :k], want)
+
+
+def test_binned_kernel_all_keys_equal_is_certified_lowest_indices():
+  """The binned TPU kernel (interpret mode) on keys that all tie: certified, 0..k-1.
+ """
+  keys = np.full((128 * 10 + 7, 4), 3.0, np.float32)  # a ragged last tile
+  queries = np.zeros((8, 4), np.float32)
+  _, idx, ok = pk._knn_tpu(jnp.asarray(queries), jnp.asarray(keys), 40, "l2", SMALL,
+                           interpret=True)
+  assert np.asarray(ok).all()
+  np.testing.assert_array_equal(np.asarray(idx), np.broadcast_to(np.arange(40), (8, 40)))
+
+
+def test_bins_certificate_is_sound_on_ties_at_the_pivot():
+  """Ties at the pivot value P: only entries below P in (value, index) order count.
+
+  Row 0 (scores 1 except zeros): lane 0 has 20 zeros (its m-th is (0, 896)), lane 1
+  zeros at 1 + 128 j for j >= 10, lanes 2..127 one zero at 1280 + lane. The true
+  k = 40 best are all zeros, lane 0's 896..2432 among them, which lie outside lane 0's
+  top-(m-1): the certificate must fail (7 entries below (0, 896)). Counting every zero
+  (`values <= p`) or taking the pivot index as the largest would certify a wrong
+  answer. Row 1: all scores tie, certified with 0..k-1.
+  """
+  n, k = 128 * 20, 40
+  depth = pk.binned_depth(k)
+  assert depth == 8  # the construction below relies on m - 1 = 7
+  scores = np.ones((8, n), np.float32)
+  scores[0, 0::128] = 0.0
+  scores[0, 1 + 128 * np.arange(10, 20)] = 0.0
+  scores[0, 1280 + np.arange(2, 128)] = 0.0
+  scores[1] = 0.0
+  regs, regs_idx = bins_of(scores, depth)
+  out, out_idx, ok = pk.certify_and_extract(regs, regs_idx, k, 128)
+  ok = np.asarray(ok)[:, 0] > 0
+  want, want_idx = lexsorted(scores, np.broadcast_to(np.arange(n), scores.shape), k)
+  assert not ok[0] and ok[1]
+  np.testing.assert_array_equal(np.asarray(out_idx)[ok, :k], want_idx[ok])
+  np.testing.assert_array_equal(np.asarray(out)[ok, :k], want[ok])
+
+
+def test_binned_kernel_skips_a_tile_only_when_no_bin_changes():
+  """Keys on a line, query at 0 (score x^2): lane 0 (keys 0, 128, ..., 896) holds the 8
+  nearest, one per key tile of 128, so k = 40 cannot be certified (m - 1 = 7). Each
+  later tile improves no lane's (m-1)-th entry but fills its m-th: a tile may be
+  skipped only if nothing beats a lane's m-th entry. (Skipping on the (m-1)-th
+  leaves every m-th at +inf, certifies, and drops key 896.)"""
+  tiles, k = 8, 40
+  t, lane = np.meshgrid(np.arange(tiles), np.arange(128), indexing="ij")
+  x = np.where(lane == 0, t.astype(np.float64), 100.0 + t + lane / 1000.0)
+  keys = x.reshape(-1, 1).astype(np.float32)  # key t * 128 + lane
+  queries = np.zeros((8, 1), np.float32)
+  tile = BlockSizes(block_q=8, block_n=128, chunk=0)
+  _, _, ok = pk._knn_tpu(jnp.asarray(queries), jnp.asarray(keys), k, "l2", tile,
+                         interpret=True)
+  assert not np.asarray(ok).any()
+  _, idx = jax.jit(functools.partial(pk.knn_pallas, k=k, metric="l2", block_sizes=tile))(
+      jnp.asarray(queries), jnp.asarray(keys))
+  want = np.argsort(keys[:, 0].astype(np.float64) ** 2, kind="stable")[:k]
+  np.testing.assert_array_equal(np.asarray(idx), np.broadcast_to(want, (8, k)))
+
+
+# --------------------------------------------------------------------------------------
+# knn_pallas's own fallback and its ragged query count.
+
+
+def _clustered(seed, n_q):
+  """Every 128th key sits near c = 10 e_1 (one lane holds them all); queries near c
+  cannot be certified, the others (far from c) are."""
+  queries, keys = random_data(seed, n_q, 1500, 6)
+  c = np.zeros(6, np.float32)
+  c[0] = 10.0
+  keys = keys.copy()
+  keys[::128] = c + 1e-2 * keys[::128]
+  queries = queries.copy()
+  queries[::2] = c + 1e-2 * queries[::2]
+  return queries, keys
+
+
+def test_binned_fallback_redoes_only_a_mixed_batch_exactly():
+  """Some rows certified, some not: every row must come out exact (a cond on
+  `any(certified)` would return the uncertified rows' bins unchecked)."""
+  queries, keys = _clustered(70, 24)
+  _, _, ok = pk._knn_tpu(jnp.asarray(queries), jnp.asarray(keys), 64, "l2", SMALL,
+                         interpret=True)
+  ok = np.asarray(ok)[:, 0] > 0
+  assert ok.any() and not ok.all()
+  _, idx = jax.jit(functools.partial(pk.knn_pallas, k=64, metric="l2",
+                                     block_sizes=SMALL))(jnp.asarray(queries), jnp.asarray(keys))
+  assert_kernel_exact(idx, queries.astype(np.float64), keys.astype(np.float64), 64)
+
+
+def test_binned_kernel_with_fewer_queries_than_a_sublane_tile():
+  """13 queries in a 16-row tile (padded): the certificate is cut to the 13 rows as the
+  scores are (uncut, a (16, 1) mask would meet (13, k) scores)."""
+  queries, keys = random_data(71, 13, 900, 5)
+  _, idx = jax.jit(functools.partial(pk.knn_pallas, k=40, metric="l2",
+                                     block_sizes=SMALL))(jnp.asarray(queries), jnp.asarray(keys))
+  assert_kernel_exact(idx, queries.astype(np.float64), keys.astype(np.float64), 40)
+
+
+# --------------------------------------------------------------------------------------
+# The centring applied on chip. The contract
+# suite passes a Centring only through the public wrapper, whose certificate and exact
+# fallback hide a kernel that ranks badly. Leaving the mean in the keys only adds
+# -2 <q, mean> to each query's scores, so the order is lost to float32 rounding, not
+# in exact arithmetic: the data sit at 10^6, as offset data do (SPEC 3).
+
+
+@pytest.mark.parametrize("backend,k,metric,tiles", [
+    ("tpu", 5, "l2", SMALL),           # rounds
+    ("tpu", 40, "l2", SMALL),          # binned
+    ("tpu", 5, "ip", SMALL),           # rounds, ip
+    ("triton", 5, "l2", BlockSizes(block_q=16, block_n=64, chunk=0)),  # rounds
+    ("triton", 5, "ip", BlockSizes(block_q=16, block_n=64, chunk=0)),  # rounds, ip
+    ("triton", 40, "l2", PAIR_TILES),  # pairs
+])
+def test_kernels_apply_the_centring_to_the_keys(backend, k, metric, tiles):
+  queries, keys = random_data(72, 19, 1001, 6, offset=1e6)
+  scale = 0.25  # a power of two, as api.search_scale gives
+  mean = (scale * keys.astype(np.float64).mean(axis=0)).astype(np.float32)[None, :]
+  centring = Centring(scale=jnp.float32(scale), mean=jnp.asarray(mean))
+  fn = functools.partial(pk.knn_pallas, k=k, metric=metric, block_sizes=tiles,
+                         backend=backend, interpret=True, centring=centring)
+  _, idx = jax.jit(fn)(jnp.asarray(queries), jnp.asarray(keys))
+  # Centred in float32 exactly (x * 2^-2 is exact, and x * scale - mean cancels exactly).
+  q64 = queries.astype(np.float64) * scale - mean
+  x64 = keys.astype(np.float64) * scale - mean
+  assert_kernel_exact(idx, q64, x64, k, metric)
+
+
+# --------------------------------------------------------------------------------------
+# The Triton pairs kernel's ragged last chunk.
+
+
+@pytest.mark.parametrize("n", [1003, 1007])  # 3 and 7 keys in the last chunk of 8
+def test_triton_pairs_ragged_last_chunk_against_numpy(n):
+  """Every chunk's tagged minimum is its smallest real key (position and value), and
+  its second is the chunk's second smallest; rows past the last key take no part."""
+  chunk = 8
+  queries, keys = random_data(73, 16, n, 40)
+  q, x = jnp.asarray(queries), jnp.asarray(keys)
+  first, second = pk.triton_chunk_pairs(q, x, jnp.sum(x * x, axis=1)[:, None], chunk=chunk,
+                                        block_q=16, block_n=64, interpret=True)
+  q64, x64 = queries.astype(np.float64), keys.astype(np.float64)
+  s = (x64 * x64).sum(1)[:, None] - 2.0 * x64 @ q64.T  # (n, Q), keys-major
+  pad = -n % chunk
+  s = np.concatenate([s, np.full((pad, s.shape[1]), np.inf)]).reshape(-1, chunk, s.shape[1])
+  order = np.argsort(s, axis=1, kind="stable")
+  assert first.shape == (s.shape[0], 16)
+  low = np.take_along_axis(s, order[:, :1], axis=1)[:, 0]
+  low2 = np.take_along_axis(s, order[:, 1:2], axis=1)[:, 0]
+  got_first = np.asarray(xla.from_ordered(first), np.float64)
+  got_second = np.asarray(xla.from_ordered(second), np.float64)
+  np.testing.assert_allclose(got_first, low, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(got_second, low2, rtol=1e-4, atol=1e-3)
+  apart = low2 - low > 1e-2
+  assert apart.mean() > 0.9
+  np.testing.assert_array_equal(np.where(apart, np.asarray(first) & (chunk - 1), -1),
+                                np.where(apart, order[:, 0], -1))
+
+
+def test_triton_pairs_search_with_one_padding_row_in_the_last_chunk():
+  """n = 7 (mod 8): one padding row in the last chunk. A padding row scored below the
+  real keys would be read off as the chunk's winner, an index past the last key."""
+  queries, keys = random_data(74, 16, 1007, 40)
+  tiles = BlockSizes(block_q=16, block_n=64, chunk=8, pairs=True)
+  _, idx = jax.jit(functools.partial(pk.knn_pallas, k=40, metric="l2", backend="triton",
+                                     interpret=True, block_sizes=tiles))(
+                                         jnp.asarray(queries), jnp.asarray(keys))
+  assert (np.asarray(idx) < 1007).all()
+  assert_kernel_exact(idx, queries.astype(np.float64), keys.astype(np.float64), 40)
+
+
+# --------------------------------------------------------------------------------------
+# Static choices.
+
+
+def test_default_tpu_tiles_at_the_largest_dim_are_the_documented_ones():
+  """At D = 4096 the binned selection (k > 32) takes 64 query rows, as documented in
+  `default_block_sizes`: 128 would be over the VMEM budget once the inputs are counted
+  double-buffered, as the pipeline holds them. The rounds selection keeps 128."""
+  assert pk.default_block_sizes("tpu", 33, 4096).block_q == 64
+  assert pk.default_block_sizes("tpu", 256, 4096).block_q == 64
+  assert pk.default_block_sizes("tpu", 32, 4096).block_q == 128
+
+
+def test_is_supported_dim_limits_are_inclusive():
+  f32 = jnp.float32
+  assert pk.is_supported(k=10, dim=pk.TPU_MAX_DIM, dtype=f32, platform="tpu")
+  assert not pk.is_supported(k=10, dim=pk.TPU_MAX_DIM + 1, dtype=f32, platform="tpu")
+  assert pk.is_supported(k=10, dim=pk.GPU_MAX_DIM, dtype=f32, platform="gpu")
+  assert not pk.is_supported(k=10, dim=pk.GPU_MAX_DIM + 1, dtype=f32, platform="gpu")
+  assert not pk.is_supported(k=0, dim=8, dtype=f32, platform="tpu")
+
+
+def test_pairs_kernel_only_beyond_the_rounds_kernels_k():
+  assert not pk.uses_pairs("triton", pk.GPU_MAX_K, "l2", None)
+  assert pk.uses_pairs("triton", pk.GPU_MAX_K + 1, "l2", None)
+  assert pk.uses_pairs("triton", 1, "l2", PAIR_TILES)
+  assert not pk.uses_pairs("triton", pk.GPU_MAX_K + 1, "ip", None)
+  assert not pk.uses_pairs("tpu", pk.GPU_MAX_K + 1, "l2", PAIR_TILES)
 
 
 # --------------------------------------------------------------------------------------
