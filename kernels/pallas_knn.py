@@ -137,10 +137,11 @@ def default_block_sizes(platform: str, k: int, dim: int) -> BlockSizes:
 
   TPU: 128 query rows fill the MXU's rows; 512 keys keep the score tile at 256 KiB of
   VMEM; the key tile shrinks with D so that it stays near 1 MiB (128 keys at least, one
-  lane row: 2 MiB at D = 4096), and the query tile halves from 128 rows until `tpu_vmem_bytes` fits
-  TPU_VMEM_BUDGET (at D = 4096 it takes 64 rows). GPU (Triton): tiles small enough for
-  the score tile and both operand tiles to sit in registers. CPU (interpret mode): few,
-  large grid steps, since each step is interpreted.
+  lane row: 2 MiB at D = 4096), and the query tile halves from 128 rows until
+  `tpu_vmem_bytes` fits TPU_VMEM_BUDGET (at D = 4096 and k > 32 it takes 64 rows). GPU
+  (Triton): tiles small enough for the score tile and both operand tiles to sit in
+  registers. CPU (interpret mode): few, large grid steps, since each step is
+  interpreted.
   """
   if platform == "tpu":
     block_n = max(LANES, min(512, (1 << 18) // max(dim, 1) // LANES * LANES))

@@ -43,6 +43,9 @@ from resmem_jax import _validation as v
 from resmem_jax import analysis as analysis_lib
 from resmem_jax import data as data_lib
 from resmem_jax import models as models_lib
+from resmem_jax.memory import check_temperature
+from resmem_jax.predict import check_sigma
+from resmem_jax.sweep import check_grid
 
 
 class TrainState(train_state.TrainState):
@@ -248,10 +251,8 @@ def check_resmem_grids(ks, sigmas, temperatures, *, prefix: str = "") -> None:
   """Raises ValueError or TypeError naming the first ResMem grid value out of range, as
   written (before `sigmas` are scaled), with `rm.sweep`'s checks: ks ints >= 1 (repeats
   allowed: they are merged), sigmas and temperatures distinct, finite and > 0."""
-  from resmem_jax.memory import check_temperature  # pylint: disable=g-import-not-at-top
-  from resmem_jax.sweep import check_grid  # pylint: disable=g-import-not-at-top
   check_grid(f"{prefix}ks", ks, lambda name, k: v.check_int(name, k, low=1), distinct=False)
-  check_grid(f"{prefix}sigmas", sigmas, check_temperature)
+  check_grid(f"{prefix}sigmas", sigmas, check_sigma)
   check_grid(f"{prefix}temperatures", temperatures, check_temperature)
 
 
