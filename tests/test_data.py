@@ -420,3 +420,48 @@ def test_lazy_split_augments_by_seed_and_keeps_the_labels(tiny_tfds, monkeypatch
   c, _ = s.train.take(rows, augment_seed=(0, 6))
   assert not np.array_equal(a[..., 2], c[..., 2])
   assert not np.array_equal(a[..., 2], plain[..., 2])
+
+
+def test_random_resized_crop_of_a_tall_image_falls_back_to_its_centre():
+  """The fallback's other branch: no box of the whole area fits a 1:4 image at ratio >=
+  3/4, so the centre crop of its full width clipped to ratio 3/4 is taken."""
+  tall = np.random.default_rng(0).integers(0, 256, (40, 10, 3), dtype=np.uint8)
+  out = data.random_resized_crop_flip(tall, 6, np.random.default_rng(1), scale=(1.0, 1.0))
+  h = round(10 / (3 / 4))  # 13 rows, centred
+  top = (40 - h) // 2
+  centre = _box_resized(tall, (0, top, 10, top + h), 6)
+  assert np.array_equal(out, centre) or np.array_equal(out, centre[:, ::-1])
+
+
+def test_augment_draws_every_crop_offset_on_both_axes():
+  """Offsets 0..2 * padding inclusive: the image shifted the whole padding to either
+  side is one of the crops (a half-open bound never shifts it fully up or left)."""
+  images = 1.0 + jnp.arange(64 * 3 * 3, dtype=jnp.float32).reshape(64, 3, 3, 1)
+  out = np.asarray(data.augment_crop_flip(jax.random.key(0), images, padding=1))
+  padded = np.pad(np.asarray(images), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  offsets = set()
+  for b in range(64):
+    for dy in range(3):
+      for dx in range(3):
+        crop = padded[b, dy:dy + 3, dx:dx + 3]
+        if np.array_equal(out[b], crop) or np.array_equal(out[b], crop[:, ::-1]):
+          offsets.add((dy, dx))
+  assert {dy for dy, _ in offsets} == {dx for _, dx in offsets} == {0, 1, 2}
+
+
+def test_max_train_keeps_a_stratified_subset_of_the_train_split():
+  """max_train subsamples the train split stratified (mnist5k's pool is sorted by class:
+  its first examples would be zeros and ones), and leaves validation alone."""
+  full, s = data.load_splits("mnist5k"), data.load_splits("mnist5k", max_train=1000)
+  np.testing.assert_array_equal(np.bincount(s.train.labels), [1000 // 10] * 10)
+  assert _rows(s.train) <= _rows(full.train)
+  np.testing.assert_array_equal(s.validation.images, full.validation.images)
+
+
+def test_tfds_max_train_beyond_the_training_pool_keeps_all_of_it():
+  """max_train is "at most": past the examples left after validation it keeps them all
+  (it was capped at the whole training split and then overfilled it)."""
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    s = data.load_splits("cifar10", val_size=4, max_train=100)
+  assert (len(s.train), len(s.validation)) == (16, 4)
+  assert _rows(s.train).isdisjoint(_rows(s.validation))

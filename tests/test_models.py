@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,3 +184,61 @@ def test_bad_arguments():
     _shapes(models.ResNet(stage_sizes=(1,), stem="bogus"), (1, 8, 8, 3))
   with pytest.raises(ValueError, match="depth"):
     _shapes(models.SmallCNN(depth=0), (1, 28, 28, 1))
+
+
+@pytest.mark.parametrize("stem,sides", [("cifar", (16, 8, 4)), ("imagenet", (4, 2, 1))])
+def test_stages_halve_the_resolution_and_the_embedding_is_their_mean(stem, sides):
+  """Stage i > 0 halves the resolution (the first keeps the stem's), the ImageNet stem
+  quarters it (stride-2 conv, stride-2 pool), and the embedding is the global average
+  of the last block's output: none of these changes a shape or a parameter count."""
+  model = models.ResNet(stage_sizes=(1, 1, 1), num_filters=4, stem=stem, num_classes=3)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  (_, emb), state = jax.jit(functools.partial(
+      model.apply, capture_intermediates=True, mutable=["intermediates"]))(variables, x)
+  blocks = [state["intermediates"][f"ResNetBlock_{i}"]["__call__"][0] for i in range(3)]
+  assert [b.shape[1:3] for b in blocks] == [(s, s) for s in sides]
+  np.testing.assert_allclose(emb, blocks[-1].mean(axis=(1, 2)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_cls,filters", [(models.ResNetBlock, 4),
+                                               (models.BottleneckResNetBlock, 1)])
+def test_a_residual_block_starts_as_the_identity(block_cls, filters):
+  """The last BatchNorm of a block starts with scale 0 (Goyal et al., 2017): at
+  initialisation a block that keeps the shape returns relu(x), its residual branch 0."""
+  conv = functools.partial(nn.Conv, use_bias=False)
+  norm = functools.partial(nn.BatchNorm, use_running_average=True)
+  block = block_cls(filters, conv=conv, norm=norm, act=nn.relu)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
+  out = block.apply(block.init(jax.random.key(0), x), x)
+  np.testing.assert_allclose(out, jax.nn.relu(x), rtol=1e-6, atol=1e-6)
+
+
+def test_batchnorm_running_statistics_move_a_tenth_of_the_way():
+  """BatchNorm momentum 0.9 (PyTorch's 0.1, the ResNet recipe), not Flax's default 0.99,
+  with which the running statistics of a short run barely leave their initial values:
+  one train step from the initial mean 0 gives 0.1 times the batch's mean."""
+  model = models._ResNetTiny(num_classes=3)
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3)) + 2.0
+  variables = model.init(jax.random.key(0), x)
+  _, state = model.apply(variables, x, train=True, capture_intermediates=True,
+                         mutable=["batch_stats", "intermediates"])
+  h = state["intermediates"]["conv_init"]["__call__"][0]
+  np.testing.assert_allclose(state["batch_stats"]["bn_init"]["mean"],
+                             0.1 * h.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_width_multiplier_rounds_the_filters():
+  """`width` scales the filters rounded to the nearest int (at least 1), not truncated:
+  16 * 0.3 = 4.8 filters is 5, so the embedding has 4 * 5 = 20 units."""
+  _, _, emb = _shapes(models.ResNet8(num_classes=10, width=0.3), (1, 32, 32, 3))
+  assert emb == (1, 4 * round(16 * 0.3))
+  _, _, emb = _shapes(models.ResNet8(num_classes=10, width=0.01), (1, 32, 32, 3))
+  assert emb == (1, 4)
+
+
+@pytest.mark.parametrize("depth", [2, 5])
+def test_cifar_resnet_needs_at_least_one_block_per_stage(depth):
+  """Depth 6n + 2 with n >= 1: depth 2 (n = 0) would be a stem and a head, no stage."""
+  with pytest.raises(ValueError, match="depth"):
+    models.cifar_resnet(depth)

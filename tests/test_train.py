@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -379,7 +380,8 @@ def test_a_diverged_run_stops_before_its_checkpoint(tmp_path):
   assert not os.listdir(tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize("name,value", [("width", 0), ("width", -1), ("embed_dim", 0)])
+@pytest.mark.parametrize("name,value", [("width", 0), ("width", -1), ("embed_dim", 0),
+                                        ("depth", 0)])
 def test_bad_model_size_raises(tmp_path, name, value):
   config = _mnist_tiny()
   config.model_kwargs[name] = value
@@ -493,3 +495,136 @@ def test_the_neighbours_picture_shows_fixes_and_breaks_alike(n_fixed, n_broken, 
   others = rows - want_fixed - want_broken
   assert caption == (f"{want_fixed} of the {n_fixed} test images ResMem fixed, {want_broken} "
                      f"of the {n_broken} it broke" + (f", {others} others" if others else ""))
+
+
+def test_the_cosine_decay_spans_the_steps_after_warmup():
+  """Optax's decay_steps counts the warmup: the cosine runs from the end of warmup to the
+  last step, halving the peak halfway there (not reaching 0 a warmup early)."""
+  config = configs.get_config("mnist")
+  config.num_epochs, config.warmup_epochs, config.learning_rate = 4, 1.0, 0.2
+  _, schedule = train.create_optimizer(config, steps_per_epoch=10)
+  for step in (10, 20, 25, 30, 35, 39):
+    want = 0.2 * 0.5 * (1 + math.cos(math.pi * (step - 10) / 30))
+    assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-7), step
+
+
+@pytest.mark.parametrize("n_train,batch_size,limit,want", [
+    (250, 100, -1, 2), (250, 100, None, 2), (50, 128, -1, 1), (200, 100, 1, 1),
+    (200, 100, 100, 2)])
+def test_steps_per_epoch_counts_full_batches_up_to_the_limit(n_train, batch_size, limit,
+                                                             want):
+  """The ragged last batch is dropped, a batch larger than the training set is the whole
+  set, and a steps_per_epoch limit can shorten an epoch but never lengthen it."""
+  config = _mnist_tiny()
+  config.batch_size, config.steps_per_epoch = batch_size, limit
+  assert train.steps_per_epoch_for(config, n_train) == want
+
+
+def test_epoch_order_is_a_fresh_permutation_per_seed_and_epoch():
+  """Each epoch reshuffles, and seeds shuffle apart; the same (seed, epoch) replays."""
+  orders = {(s, e): train.epoch_order(s, e, 50) for s in (0, 1) for e in (0, 1)}
+  for order in orders.values():
+    np.testing.assert_array_equal(np.sort(order), np.arange(50))
+  assert len({order.tobytes() for order in orders.values()}) == 4
+  np.testing.assert_array_equal(train.epoch_order(1, 0, 50), orders[(1, 0)])
+
+
+def test_each_epoch_takes_every_example_once_and_logs_its_last_steps_rate(
+    tmp_path, monkeypatch):
+  """The batches of an epoch partition the training set, the key behind a step's crops
+  and flips differs from step to step, and an epoch's record holds the rate its last
+  step (step - 1) was taken with: with no warmup over 4 steps, the cosine at steps 1 and
+  3 (not 2 and 4, whose rate is 0)."""
+  config = _mnist_tiny(num_epochs=2)  # 200 examples, 2 steps per epoch
+  config.warmup_epochs = 0.0
+  splits = train.load_splits(config)
+  batches, keys = [], []
+  real_take, real_step = data.ArraySplit.take, train.train_step
+
+  def take(self, indices):
+    if self is splits.train:
+      batches.append(np.asarray(indices))
+    return real_take(self, indices)
+
+  def step(state, images, labels, rng, **kwargs):
+    keys.append(tuple(np.asarray(jax.random.key_data(rng)).ravel().tolist()))
+    return real_step(state, images, labels, rng, **kwargs)
+
+  monkeypatch.setattr(data.ArraySplit, "take", take)
+  monkeypatch.setattr(train, "train_step", step)
+  _, history = train.train(config, str(tmp_path), splits)
+  assert len(batches) == 4 and len(set(keys)) == 4
+  for epoch in (batches[:2], batches[2:]):
+    np.testing.assert_array_equal(np.sort(np.concatenate(epoch)), np.arange(200))
+  for record, last in zip(history, (1, 3), strict=True):
+    want = config.learning_rate * 0.5 * (1 + math.cos(math.pi * last / 4))
+    assert record["learning_rate"] == pytest.approx(want, rel=1e-5)
+
+
+def _resnet_tiny_state(splits):
+  config = _mnist_tiny()
+  config.model, config.model_kwargs = "resnet_tiny", {}
+  model = train.create_model(config, splits.num_classes)
+  return train.create_train_state(jax.random.key(0), config, model, splits.image_shape, 10)
+
+
+def test_train_step_updates_the_batchnorm_running_statistics():
+  """The step's new BatchNorm statistics are kept in the state (evaluation reads them)."""
+  splits = data.load_splits("digits")
+  state = _resnet_tiny_state(splits)
+  before = jax.tree.map(np.array, state.batch_stats)
+  images, labels = splits.train.take(np.arange(32))
+  state, _ = train.train_step(state, images, labels, jax.random.key(0), mean=splits.mean,
+                              std=splits.std, augment=False)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, state.batch_stats)
+  assert all(jax.tree.leaves(changed))
+
+
+def test_evaluation_uses_the_running_statistics_not_the_batchs():
+  """compute_outputs applies the model in inference mode: an example's logits are those
+  of apply(train=False) and do not depend on the batch (or padding) it is evaluated in."""
+  splits = data.load_splits("digits")
+  state = _resnet_tiny_state(splits)
+  split = data.ArraySplit(*splits.validation.take(np.arange(10)))
+  logits, emb = train.compute_outputs(state, split, mean=splits.mean, std=splits.std,
+                                      batch_size=10)
+  small, _ = train.compute_outputs(state, split, mean=splits.mean, std=splits.std,
+                                   batch_size=3)
+  np.testing.assert_allclose(small, logits, rtol=1e-5, atol=1e-5)
+  want, want_emb = state.apply_fn(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      data.normalize(split.images, splits.mean, splits.std), train=False)
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(emb, want_emb, rtol=1e-5, atol=1e-5)
+
+
+def test_augmentation_pads_with_the_mean_pixel():
+  """Crops are taken after normalization, so the padding is the mean pixel: images that
+  are all the mean pixel train exactly as without augmentation (black padding would
+  shift every crop's border to -mean / std)."""
+  config = configs.get_config("mnist")
+  model = train.create_model(config, 10)
+  images = np.full((8, 8, 8, 1), 100, np.uint8)
+  labels = np.arange(8, dtype=np.int32)
+  out = {}
+  for augment in (False, True):
+    state = train.create_train_state(jax.random.key(0), config, model, (8, 8, 1), 10)
+    state, m = train.train_step(state, images, labels, jax.random.key(1), mean=(100.0,),
+                                std=(50.0,), augment=augment)
+    out[augment] = (float(m["loss_sum"]), jax.tree.map(np.asarray, state.params))
+  assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               out[True][1], out[False][1])
+
+
+def test_the_resmem_stage_caps_k_at_the_training_set_size():
+  """A k beyond the training set means every training example (a config's grid can
+  outgrow a small max_train)."""
+  rng = np.random.default_rng(0)
+  outputs = (rng.normal(size=(20, 3)).astype(np.float32),
+             rng.normal(size=(20, 4)).astype(np.float32))
+  labels = np.arange(20) % 3
+  stage = train.resmem_stage(train_outputs=outputs, train_labels=labels, val_outputs=outputs,
+                             val_labels=labels, test_outputs=outputs, test_labels=labels,
+                             ks=(50,), sigmas=(1.0,), temperatures=(1.0,))
+  assert stage["best"]["k"] == 20
