@@ -451,3 +451,137 @@ def test_constrained_least_squares_without_data_is_zero():
   for shape in ((0, 3), (5, 0)):
     theta = theory.constrained_least_squares(jnp.zeros(shape), jnp.zeros(shape[0]), 1.0)
     assert theta.shape == (shape[1],) and not np.any(theta)
+
+
+# ------------------------------------------- edges and plumbing (from a mutation audit)
+
+
+def test_closed_forms_outside_the_figures_settings():
+  """Where the figures do not reach: L >= ||theta*|| leaves no base risk (the
+  constraint is inactive), the exact ResMem curve exists on the sphere only (None on
+  the cube and the Gaussian), and k_n = ceil(n^{2/(m+2)}) is exact at exact powers
+  n = c^(m+2) (1024^(2/5) evaluates to 16.000000000000004) and one above them."""
+  for radius in (1.0, 1.5, 3.0):
+    assert theory.base_risk_limit(domain="sphere", d=4, radius=radius, theta_norm=1.0) == 0.0
+  kwargs = dict(d=3, radius=0.5, theta_norm=1.0, noise=0.0, n=[100], k_per_n=[1])
+  assert theory.resmem_risk_theory(domain="sphere", **kwargs) is not None
+  for domain in ("cube", "gaussian"):
+    assert theory.resmem_risk_theory(domain=domain, **kwargs) is None, domain
+  for m in (1, 2, 3, 4):
+    for c in range(2, 30):
+      n = c ** (m + 2)
+      assert theory.growing_k(n, m=m) == c * c, (n, m)
+      assert theory.growing_k(n + 1, m=m) == c * c + 1, (n, m)
+
+
+def test_simulation_draws_the_target_and_fresh_test_points_off_the_sphere():
+  """||theta*|| = theta_norm on the cube and the Gaussian too: the target's direction is
+  drawn on the sphere, whatever the inputs' domain (drawn from the domain itself its
+  norm is random, and the base limit s (||theta*|| - L)^2 is off). The test points are
+  fresh: none is a training point (a shared key would hand ResMem the answers)."""
+  for domain in ("cube", "gaussian"):  # the sphere's target is drawn as its inputs are
+    trials = theory.simulate_trials(theory.seed_keys(0, 2, d=3), n_grid=(40,), n_test=30,
+                                    d=3, domain=domain, theta_norm=2.0, noise=0.0, radius=0.5)
+    np.testing.assert_allclose(np.linalg.norm(trials.theta_star, axis=-1), 2.0, rtol=1e-6,
+                               err_msg=domain)
+    x_train, x_test = np.asarray(trials.x_train), np.asarray(trials.x_test)
+    gaps = np.linalg.norm(x_test[:, :, None] - x_train[:, None], axis=-1)  # (S, T, N)
+    assert gaps.min() > 1e-4, (domain, gaps.min())
+
+
+def test_curve_numbers_match_a_float64_recomputation():
+  """evaluate_curve's numbers, recomputed in float64 NumPy from the same trials: the
+  base risk of the fit at each n, its population risk s ||theta_hat - theta*||^2,
+  ResMem with sigma=None as the plain mean of the k nearest residuals of that fit, the
+  slope fitted on n >= slope_fit_min_n and the seeds' std of it (ddof=1); with soft
+  weights (sigma given, k > 1) there is no sigma^2 / k noise floor."""
+  grid, seeds, n_test, k = (20, 40), 3, 100, 4
+  spec = _noise_spec(noise=0.1, n=grid, k=k, slope_fit_min_n=20)
+  curve = theory.evaluate_curve(spec, seed=5, num_seeds=seeds, n_test=n_test)
+  trials = jax.device_get(theory.simulate_trials(
+      theory.seed_keys(5, seeds, d=3), n_grid=grid, n_test=n_test, d=3, domain="sphere",
+      theta_norm=1.0, noise=0.1, radius=0.5))
+  x, y, x_test, truth, theta_hat, theta_star = (
+      np.asarray(a, np.float64) for a in (trials.x_train, trials.y_train, trials.x_test,
+                                          trials.truth_test, trials.theta_hat,
+                                          trials.theta_star))
+  base, resmem = np.zeros((len(grid), seeds)), np.zeros((len(grid), seeds))
+  for g, n in enumerate(grid):
+    for s in range(seeds):
+      theta = theta_hat[s, g]
+      base[g, s] = np.mean(np.square(x_test[s] @ theta - truth[s]))
+      dist = np.linalg.norm(x_test[s][:, None, :] - x[s, None, :n], axis=-1)
+      nearest = np.argsort(dist, axis=1)[:, :k]
+      residual = y[s, :n] - x[s, :n] @ theta
+      pred = x_test[s] @ theta + residual[nearest].mean(axis=1)
+      resmem[g, s] = np.mean(np.square(pred - truth[s]))
+  np.testing.assert_allclose(curve["base_risk_per_seed"], base, rtol=1e-4)
+  np.testing.assert_allclose(curve["resmem_risk_per_seed"], resmem, rtol=1e-3)
+  population = np.sum(np.square(theta_hat - theta_star[:, None]), axis=-1).mean(axis=0) / 3
+  np.testing.assert_allclose(curve["base_risk_population"], population, rtol=1e-5)
+  assert curve["slope_fit_n"] == [20, 40]
+  log_n = np.log(grid)
+  assert curve["resmem_slope_fit"] == pytest.approx(
+      np.polyfit(log_n, np.log(resmem.mean(axis=1)), 1)[0], rel=1e-3, abs=1e-4)
+  per_seed = [np.polyfit(log_n, np.log(resmem[:, s]), 1)[0] for s in range(seeds)]
+  assert curve["resmem_slope_fit_std"] == pytest.approx(np.std(per_seed, ddof=1), rel=1e-2)
+  assert curve["noise_floor"] == [pytest.approx(0.1**2 / k)] * len(grid)
+  soft = theory.evaluate_curve(spec._replace(sigma=1.0, n=grid[:1], slope_fit_min_n=None),
+                               seed=5, num_seeds=seeds, n_test=n_test)
+  assert soft["noise_floor"] is None
+
+
+def test_plan_scales_radii_cuts_grids_and_checks_what_would_fail_mid_run():
+  """Radii are fractions of ||theta*|| in every figure; max_n_by_d keeps the n up to and
+  including its bound; a sphere of d = 1 (S^0) and a fixed k above the smallest n fail
+  in plan, before the script writes anything, not mid-run (d = 1 is fine on the cube)."""
+  config = theory.get_config()
+  config.theta_norm = 2.0
+  config.risk_vs_n.max_n_by_d = ((3, 1000),)
+  specs = theory.plan(config)
+  assert [s.radius for s in specs if s.figure != "risk_vs_capacity"] == [1.0] * 6
+  assert sorted(s.radius for s in specs if s.figure == "risk_vs_capacity") == sorted(
+      2.0 * r for r in config.risk_vs_capacity.radii for _ in config.risk_vs_capacity.dims)
+  n_by_d = {s.d: s.n for s in specs if s.figure == "risk_vs_n"}
+  assert n_by_d[3] == tuple(n for n in config.risk_vs_n.n if n <= 1000) and n_by_d[3][-1] == 1000
+  assert n_by_d[2] == tuple(config.risk_vs_n.n)
+  for name, value, match in (("dims", (1,), "d must"), ("k", 101, "risk_vs_n.k")):
+    config = theory.get_config(quick=True)  # the sphere, n >= 100
+    config.risk_vs_n[name] = value
+    with pytest.raises(ValueError, match=match):
+      theory.plan(config)
+  config = theory.get_config(quick=True)
+  config.domain, config.risk_vs_n.dims = "cube", (1,)
+  assert [s.d for s in theory.plan(config)] == [1]
+
+
+def test_run_draws_from_the_configured_seed():
+  """config.seed picks the draws: run at seed 1 gives evaluate_curve's numbers at seed
+  1, which differ from those at seed 0."""
+  config = theory.get_config(quick=True)
+  config.seed, config.num_seeds, config.n_test = 1, 2, 50
+  config.risk_vs_n.dims, config.risk_vs_n.n, config.risk_vs_n.slope_fit_min_n = (2,), (20,), 20
+  (curve,) = theory.run(config)["curves"]
+  (spec,) = theory.plan(config)
+  at = {seed: theory.evaluate_curve(spec, seed=seed, num_seeds=2, n_test=50)
+        for seed in (0, 1)}
+  assert curve["base_risk_per_seed"] == at[1]["base_risk_per_seed"]
+  assert curve["base_risk_per_seed"] != at[0]["base_risk_per_seed"]
+
+
+def test_script_flags_reach_the_config():
+  """Each flag of the script lands in its config field and --quick picks the quick
+  config; without flags the config is get_config's."""
+  from experiments import linear_theory  # pylint: disable=g-import-not-at-top
+
+  def config_of(*flags):
+    return linear_theory.make_config(linear_theory.parse_args(["--workdir", "w", *flags]))
+
+  assert config_of().to_dict() == theory.get_config().to_dict()
+  assert config_of("--quick").to_dict() == theory.get_config(quick=True).to_dict()
+  config = config_of("--quick", "--seeds", "3", "--n_test", "7", "--domain", "cube",
+                     "--theta_norm", "2.5", "--figures", "noise", "risk_vs_n")
+  want = theory.get_config(quick=True)
+  want.num_seeds, want.n_test, want.domain, want.theta_norm = 3, 7, "cube", 2.5
+  want.figures = ("noise", "risk_vs_n")
+  assert config.to_dict() == want.to_dict()
