@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import resmem_jax as rm  # noqa: E402
-from resmem_jax.kernels import sharded  # noqa: E402
+from resmem_jax.kernels import IMPLEMENTATIONS, sharded  # noqa: E402
 from resmem_jax.sweep import _grid_sums  # noqa: E402
 
 
@@ -59,6 +59,11 @@ def check_placement(keys, queries, labels, logits, q_logits):
   assert res.indices.devices() == {dev[2]}, res.indices.devices()
   same(res.indices, want.indices, "queries on device 1, keys on device 2: indices")
   same(res.distances, want.distances, "queries on device 1, keys on device 2: distances")
+  # Queries not placed (NumPy) and keys committed to device 2: the search stays with
+  # the keys (`query_mesh` never splits a placed input over the CPU devices).
+  res = rm.knn(queries, jax.device_put(keys, dev[2]), 5)
+  assert res.indices.devices() == {dev[2]}, res.indices.devices()
+  same(res.indices, want.indices, "NumPy queries, keys on device 2")
   # Queries split over a mesh (a data-parallel model's output), keys on one device.
   mesh = jax.make_mesh((8,), ("batch",))
   split = lambda x: jax.device_put(x, NamedSharding(mesh, P("batch")))
@@ -85,6 +90,35 @@ def check_placement(keys, queries, labels, logits, q_logits):
   np.testing.assert_allclose(
       rm.predict(plain, split(queries[:32]), split(q_logits[:32]), k=9, sigma=0.5),
       rm.predict(mem, queries[:32], q_logits[:32], k=9, sigma=0.5), rtol=0, atol=1e-6)
+
+
+def check_every_shard_certifies(mesh):
+  """A row is exact only if every shard's local search is: one shard failing its
+  certificate sends the whole row to the direct search, whatever the others say. A
+  kernel double that misses the nearest key and leaves its last slot unfilled (inf,
+  which the certificate catches) on the shard holding a marker key, and only there,
+  must still give one device's answer."""
+  xla = IMPLEMENTATIONS["xla"]
+  rng = np.random.default_rng(4)
+  keys = rng.normal(size=(256, 8)).astype(np.float32)  # shapes no other check searches
+  keys[200, 0] = 1e3  # the marker, in shard 6 (rows 192-223), far from every query
+  queries = keys[208:224] + np.float32(1e-2) * rng.normal(size=(16, 8)).astype(np.float32)
+  want = rm.knn(on_device_0(queries), on_device_0(keys), 3, implementation="xla")
+
+  def misses_on_the_marked_shard(queries, keys, k, **kwargs):
+    scores, idx = xla(queries, keys, k + 1, **kwargs)
+    marked = jnp.any(keys[:, 0] > 100)
+    missed = scores[:, 1:].at[:, -1].set(jnp.inf)
+    return (jnp.where(marked, missed, scores[:, :k]), jnp.where(marked, idx[:, 1:], idx[:, :k]))
+
+  IMPLEMENTATIONS["xla"] = misses_on_the_marked_shard
+  try:
+    res = rm.knn(queries, jax.device_put(keys, NamedSharding(mesh, P("data", None))), 3,
+                 implementation="xla")
+  finally:
+    IMPLEMENTATIONS["xla"] = xla
+  same(res.indices, want.indices, "one shard uncertified: indices")
+  same(res.distances, want.distances, "one shard uncertified: distances")
 
 
 def check_sweep_scratch(mesh):
@@ -123,9 +157,13 @@ def main():
   queries[5] = keys[3]
   offset = keys + 1e4  # far from the origin: needs the global-mean centring
 
+  # The reference search is the XLA one's oracle elsewhere: here it runs the merge on a
+  # few cases, the XLA search (the default) on all of them.
+  cases = {"reference": ((1, "l2"), (100, "ip")),
+           "xla": ((1, "l2"), (10, "ip"), (64, "l2"), (100, "l2"), (100, "ip"))}
   for implementation in ("reference", "xla"):
     # 100 > 64 rows per shard: every local row is a candidate.
-    for k, metric in ((1, "l2"), (10, "ip"), (64, "l2"), (100, "l2"), (100, "ip")):
+    for k, metric in cases[implementation]:
       check_knn(mesh, P("data", None), keys, queries, k, metric, implementation,
                 f"knn {implementation} k={k} {metric}")
     check_knn(mesh, P("data", None), offset, offset[:20] + 0.1, 5, "l2", implementation,
@@ -140,9 +178,15 @@ def main():
       for j in rng.choice(512, 6, replace=False):
         near[j] = np.nextafter(4 * keys[b], np.inf if j % 2 else -np.inf)
     near[strong] = 4 * keys[strong]
-    for k in (1, 5, 10):
+    for k in (1, 5, 10) if implementation == "xla" else (5,):
       check_knn(mesh, P("data", None), near, queries, k, "ip", implementation,
                 f"ip near-ties {implementation} k={k}")
+  # All k nearest in one shard: sorted by norm, shard 0 holds the 64 keys nearest to a
+  # query at the origin, so at k = 64 (its row count) it must give all of them.
+  by_norm = keys[np.argsort(np.linalg.norm(keys, axis=1), kind="stable")]
+  origin = queries.copy()
+  origin[0] = 0
+  check_knn(mesh, P("data", None), by_norm, origin, 64, "l2", "xla", "all 64 nearest in shard 0")
   # Inner products of data offset by 1e4 all tie within float32 rounding: every row
   # fails the certificate and is searched directly. Its key tiles shrank to N (200 on
   # one device, 25 on a shard), which rounded the sums over D differently: 42 of 64
@@ -163,7 +207,7 @@ def main():
   # As many devices as get 64 queries each (the production rule with 64 for 1024),
   # and as the key copies allow.
   sharded.MIN_QUERIES_PER_DEVICE = 64
-  assert sharded.query_mesh(queries[:127], keys) is None  # 127 < 2 x 64
+  assert sharded.query_mesh(queries[:8].repeat(16, 0)[:127], keys) is None  # 127 < 2 x 64
   assert sharded.query_mesh(queries[:8].repeat(40, 0), keys).size == 5  # 320 // 64
   assert sharded.query_mesh(queries[:8].repeat(64, 0), keys).size == 8
   sharded.MAX_EXTRA_KEY_BYTES = 3 * keys.nbytes  # room for 3 more copies: 4 devices
@@ -204,6 +248,14 @@ def main():
         rm.predict(placed, on_device_0(queries), on_device_0(q_logits), k=9, sigma=0.5,
                    exclude=None if exclude is None else on_device_0(exclude)), want,
         rtol=0, atol=1e-6)
+  # A memory split over a 2-D mesh, by "data" alone (the "model" axis holds replicas)
+  # and by both axes: a device owns the rows at its index along the row axes only,
+  # N / (devices along them) of them.
+  want = rm.predict(mem, queries, q_logits, k=9, sigma=0.5)
+  for axis in ("data", ("data", "model")):
+    np.testing.assert_allclose(
+        rm.predict(rm.shard_memory(mem, mesh2, axis), queries, q_logits, k=9, sigma=0.5),
+        want, rtol=0, atol=1e-6, err_msg=f"predict, memory on mesh2 split by {axis}")
   # Under an outer jit, as an argument: `jax.make_mesh` gives Explicit axes, whose split
   # the tracers' types carry (the sharded search then runs as eagerly); under Auto axes
   # the types carry none and XLA partitions the plain search.
@@ -238,6 +290,7 @@ def main():
   want = rm.sweep(reg, queries, q_out, q_y, ks=(1, 4), sigmas=(0.5,))
   assert got.table == want.table, (got.table, want.table)
   check_sweep_scratch(mesh)
+  check_every_shard_certifies(mesh)
   try:
     rm.shard_memory(rm.build_memory(keys[:500], labels[:500], logits[:500]), mesh)
   except ValueError as e:

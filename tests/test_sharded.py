@@ -6,6 +6,7 @@ process (tests/sharded_check.py) with XLA_FLAGS set before JAX starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -80,3 +81,34 @@ def test_fingerprint_tells_apart_arrays_that_differ_in_one_bit():
     for y in changed:
       got = np.asarray(sharded._fingerprint(y.reshape(x.shape)))  # pylint: disable=protected-access
       assert not np.array_equal(got, want), (x.dtype, got, want)
+
+
+def test_fingerprint_sums_are_two_independent_hashes():
+  """The fingerprint's two 32-bit sums mix the positions with different salts, so
+  together they carry 64 bits (the multi-process check's 2^-64 collision rate); with
+  one salt twice they are one 32-bit hash written twice, equal word for word."""
+  rng = np.random.default_rng(1)
+  for x in (rng.normal(size=(37, 16)).astype(np.float32), np.arange(5, dtype=np.int32),
+            np.zeros(3, np.float32)):
+    got = np.asarray(sharded._fingerprint(x))  # pylint: disable=protected-access
+    assert got[0] != got[1], (x.dtype, got)
+
+
+def _digest(leaf) -> bytes:
+  digest = hashlib.blake2b(digest_size=8)
+  sharded._hash_leaf(digest, leaf)  # pylint: disable=protected-access
+  return digest.digest()
+
+
+def test_hash_leaf_tells_apart_values_shapes_and_dtypes():
+  """`check_same_on_every_process` compares these digests between processes (it returns
+  at once in one process, so its pieces are checked here). Equal inputs hash alike; other
+  values, or the same bits in another shape (transposed queries, say) or dtype, hash
+  otherwise, on a device (by fingerprint) and in NumPy (by bytes)."""
+  x = np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32)
+  for wrap in (np.asarray, jax.numpy.asarray):
+    base = _digest(wrap(x))
+    assert _digest(wrap(x.copy())) == base
+    for other in (-x, x.reshape(4, 6), x.reshape(-1), x.view(np.int32)):
+      assert _digest(wrap(other)) != base, (wrap, other.shape, other.dtype)
+  assert _digest(3) == _digest(3) and _digest(3) != _digest(4)
