@@ -1,7 +1,6 @@
 """Test-wide settings: rank promotion is an error, hypothesis runs a CI-sized budget,
-compiled programs are shared through one persistent cache, compiled executables are
-released before they exhaust the process's memory maps, and a crashed xdist worker's
-fault dump is printed at the end of the run."""
+compiled executables are released before they exhaust the process's memory maps, and a
+crashed xdist worker's fault dump is printed at the end of the run."""
 
 import faulthandler
 import gc
@@ -11,20 +10,7 @@ import subprocess
 import sys
 import tempfile
 
-# One persistent compilation cache for the run, fresh each time and removed at its end.
-# The xdist workers and the tests' subprocesses (the 8-device check, the two-process
-# run, the notebooks, the CLIs) inherit these variables, so a program is compiled once
-# per run rather than once per process, and again after `jax.clear_caches()` below. The
-# size limit turns on JAX's file lock, so no process reads an entry another is writing.
-# Set JAX_COMPILATION_CACHE_DIR yourself to keep a cache between runs.
-_OWN_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _OWN_CACHE = tempfile.mkdtemp(prefix="resmem-jax-cache-")
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWN_CACHE,
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                    JAX_COMPILATION_CACHE_MAX_SIZE=str(16 << 30))
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -172,5 +158,3 @@ def pytest_unconfigure(config):
   directory = config.stash.get(_FAULT_DIR, None)
   if directory is not None:
     shutil.rmtree(directory, ignore_errors=True)
-  if _OWN_CACHE is not None:
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
