@@ -441,8 +441,7 @@ def test_bins_keep_the_lowest_indices_of_tied_scores():
 
 
 def test_binned_kernel_all_keys_equal_is_certified_lowest_indices():
-  """The binned TPU kernel (interpret mode) on keys that all tie: certified, 0..k-1.
- """
+  """The binned TPU kernel (interpret mode) on keys that all tie: certified, 0..k-1."""
   keys = np.full((128 * 10 + 7, 4), 3.0, np.float32)  # a ragged last tile
   queries = np.zeros((8, 4), np.float32)
   _, idx, ok = pk._knn_tpu(jnp.asarray(queries), jnp.asarray(keys), 40, "l2", SMALL,
