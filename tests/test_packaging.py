@@ -43,3 +43,30 @@ def test_installed_package_imports_kernels_from_the_kernels_folder():
   import resmem_jax.kernels as kernels
   assert pathlib.Path(kernels.__file__).resolve().parent == ROOT / "kernels"
   assert kernels.knn is __import__("resmem_jax").knn
+
+
+def test_citation_file_matches_the_package_and_the_readme():
+  """CITATION.cff (GitHub's "Cite this repository") carries the package's version, and
+  its reference to the paper names the authors and title of the README's BibTeX."""
+  import configparser  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  import yaml  # pylint: disable=g-import-not-at-top  (flax and orbax depend on it)
+
+  import resmem_jax  # pylint: disable=g-import-not-at-top
+
+  cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+  setup = configparser.ConfigParser()
+  setup.read(ROOT / "setup.cfg")
+  assert cff["cff-version"] == "1.2.0"
+  assert cff["version"] == setup["metadata"]["version"] == resmem_jax.__version__
+  assert cff["license"] == setup["metadata"]["license"]
+  (paper,) = cff["references"]
+  readme = (ROOT / "README.md").read_text()
+  bibtex = readme[readme.index("```bibtex"):]
+  title = re.search(r"title\s*=\s*\{(.+?)\},", bibtex).group(1)
+  authors = re.search(r"author\s*=\s*\{(.+?)\},", bibtex, re.S).group(1)
+  assert paper["title"] == title
+  assert [f"{a['family-names']}, {a['given-names']}" for a in paper["authors"]] == [
+      " ".join(a.split()) for a in re.split(r"\s+and\s+", authors)]
+  assert paper["year"] == int(re.search(r"year\s*=\s*\{(\d+)\}", bibtex).group(1))
