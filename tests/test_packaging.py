@@ -1,12 +1,18 @@
-"""The kNN kernels install as `resmem_jax.kernels`, never as a top-level `kernels`."""
+"""Packaging: the kNN kernels install as `resmem_jax.kernels`, never as a top-level
+`kernels`, and CITATION.cff agrees with the package and the README."""
 
+import configparser
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
 
 import pytest
+import yaml  # flax and orbax-checkpoint depend on it
+
+import resmem_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,19 +48,12 @@ def test_wheel_maps_kernels_under_the_package(wheel_names):
 def test_installed_package_imports_kernels_from_the_kernels_folder():
   import resmem_jax.kernels as kernels
   assert pathlib.Path(kernels.__file__).resolve().parent == ROOT / "kernels"
-  assert kernels.knn is __import__("resmem_jax").knn
+  assert kernels.knn is resmem_jax.knn
 
 
 def test_citation_file_matches_the_package_and_the_readme():
   """CITATION.cff (GitHub's "Cite this repository") carries the package's version, and
   its reference to the paper names the authors and title of the README's BibTeX."""
-  import configparser  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
-
-  import yaml  # pylint: disable=g-import-not-at-top  (flax and orbax depend on it)
-
-  import resmem_jax  # pylint: disable=g-import-not-at-top
-
   cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
   setup = configparser.ConfigParser()
   setup.read(ROOT / "setup.cfg")
