@@ -1,4 +1,5 @@
 """Test-wide settings: rank promotion is an error, hypothesis runs a CI-sized budget,
+compiled programs are shared through a compilation cache that lives as long as the run,
 compiled executables are released before they exhaust the process's memory maps, and a
 crashed xdist worker's fault dump is printed at the end of the run."""
 
@@ -22,6 +23,27 @@ settings.register_profile(
     "ci", max_examples=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# Most of the suite's time is XLA compiling (test_knn_xla.py: 242 s from scratch, 65 s
+# with every program already compiled), and many programs are compiled more than once:
+# by the subprocesses that train, resume and run notebooks, and again after
+# `jax.clear_caches()` (below). So the run shares JAX's persistent compilation cache
+# between its processes (xdist workers and every subprocess they start inherit the
+# environment), in a fresh directory that is removed when the run ends: each program is
+# still compiled from scratch once per run, nothing carries over from an earlier run, and
+# a program read back from the cache is the executable XLA compiled (same bits). A cache
+# directory the caller set (JAX_COMPILATION_CACHE_DIR) is used as it is and kept.
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = "RESMEM_TEST_OWNS_JAX_CACHE"
+if _CACHE_ENV not in os.environ:  # the controller (xdist's workers find it set)
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="pytest-jax-cache-")
+  os.environ[_OWN_CACHE] = os.environ[_CACHE_ENV]
+  # Every program, not only those that took a second to compile (most take less).
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # JAX read its environment when it was imported, above.
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def has_accelerator() -> bool:
@@ -158,3 +180,5 @@ def pytest_unconfigure(config):
   directory = config.stash.get(_FAULT_DIR, None)
   if directory is not None:
     shutil.rmtree(directory, ignore_errors=True)
+  if not hasattr(config, "workerinput") and os.environ.get(_OWN_CACHE):
+    shutil.rmtree(os.environ.pop(_OWN_CACHE), ignore_errors=True)
