@@ -6,6 +6,7 @@ there, that the JAX searches are exact, and that the CPU-device option takes eff
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -31,6 +32,19 @@ def test_quick_bench_writes_exact_rows_for_both_device_layouts(tmp_path, run_mod
       assert row["recall_f32"] == 1.0, row
       assert row["recall"] >= 0.9999, row
       assert row["seconds"] > 0 and row["gflops"] > 0 and row["peak_mb"] >= 0
+  # The peers: scikit-learn always (a dependency), FAISS where the bench extra is
+  # installed. Neither re-scores its winners, so only near-exactness is asked of them;
+  # a method timed on the wrong data or misread would score near 0.
+  has_faiss = importlib.util.find_spec("faiss") is not None
+  for config in ("C1", "C2"):
+    for method in ("sklearn", "faiss") if has_faiss else ("sklearn",):
+      assert rows[(config, method)]["recall_f32"] >= 0.999, rows[(config, method)]
+    if has_faiss:
+      assert rows[(config, "faiss")]["x_faiss"] == 1.0
+      assert rows[(config, "xla")]["x_faiss"] > 0
+    else:
+      assert (config, "faiss") not in rows and rows[(config, "xla")]["x_faiss"] is None
+  assert ("faiss-cpu is not installed" in proc.stdout) != has_faiss
   assert result["sgemm_gflops"] > 0
   assert "recall_f32" in proc.stdout
 
