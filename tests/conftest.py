@@ -34,15 +34,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # still compiled from scratch once per run, nothing carries over from an earlier run, and
 # a program read back from the cache is the executable XLA compiled (same bits). A cache
 # directory the caller set (JAX_COMPILATION_CACHE_DIR) is used as it is and kept.
-_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
-_OWN_CACHE = "RESMEM_TEST_OWNS_JAX_CACHE"
-if _CACHE_ENV not in os.environ:  # the controller (xdist's workers find it set)
-  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="pytest-jax-cache-")
-  os.environ[_OWN_CACHE] = os.environ[_CACHE_ENV]
+_own_cache = None  # set in the process that made the directory, which removes it
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (workers find it set)
+  _own_cache = tempfile.mkdtemp(prefix="pytest-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _own_cache
   # Every program, not only those that took a second to compile (most take less).
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   # JAX read its environment when it was imported, above.
-  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+  jax.config.update("jax_compilation_cache_dir", _own_cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
@@ -180,5 +179,5 @@ def pytest_unconfigure(config):
   directory = config.stash.get(_FAULT_DIR, None)
   if directory is not None:
     shutil.rmtree(directory, ignore_errors=True)
-  if not hasattr(config, "workerinput") and os.environ.get(_OWN_CACHE):
-    shutil.rmtree(os.environ.pop(_OWN_CACHE), ignore_errors=True)
+  if _own_cache is not None:
+    shutil.rmtree(_own_cache, ignore_errors=True)
