@@ -1,7 +1,7 @@
 """Test-wide settings: rank promotion is an error, hypothesis runs a CI-sized budget,
-compiled programs are shared through a compilation cache that lives as long as the run,
-compiled executables are released before they exhaust the process's memory maps, and a
-crashed xdist worker's fault dump is printed at the end of the run."""
+the run's processes share a compilation cache and a temporary directory that are removed
+when it ends, compiled executables are released before they exhaust the process's memory
+maps, and a crashed xdist worker's fault dump is printed at the end of the run."""
 
 import faulthandler
 import gc
@@ -25,24 +25,46 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-# Most of the suite's time is XLA compiling (test_knn_xla.py: 242 s from scratch, 65 s
-# with every program already compiled), and many programs are compiled more than once:
-# by the subprocesses that train, resume and run notebooks, and again after
-# `jax.clear_caches()` (below). So the run shares JAX's persistent compilation cache
-# between its processes (xdist workers and every subprocess they start inherit the
-# environment), in a fresh directory that is removed when the run ends: each program is
-# still compiled from scratch once per run, nothing carries over from an earlier run, and
-# a program read back from the cache is the executable XLA compiled (same bits). A cache
-# directory the caller set (JAX_COMPILATION_CACHE_DIR) is used as it is and kept.
-_own_cache = None  # set in the process that made the directory, which removes it
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (workers find it set)
-  _own_cache = tempfile.mkdtemp(prefix="pytest-jax-cache-")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _own_cache
-  # Every program, not only those that took a second to compile (most take less).
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  # JAX read its environment when it was imported, above.
-  jax.config.update("jax_compilation_cache_dir", _own_cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# The controller (or a run without xdist) makes one directory for the run, removed when
+# it ends, and the xdist workers and every subprocess they start inherit it through the
+# environment:
+#
+# - tmp/, their TMPDIR. TFDS leaves an empty directory in the temporary directory each
+#   time it makes the builder of a dataset not yet prepared (`initialize_from_bucket`),
+#   about twenty a run. pytest's basetemp (the tmp_path of the last few runs, kept for
+#   debugging) stays in the system's temporary directory: see `_run_tmp` below.
+# - jax-cache/, JAX's persistent compilation cache. Most of the suite's time is XLA
+#   compiling (test_knn_xla.py: 242 s from scratch, 65 s with every program already
+#   compiled), and many programs are compiled more than once: by the subprocesses that
+#   train, resume and run notebooks, and again after `jax.clear_caches()` (below). Each
+#   program is still compiled from scratch once per run, nothing carries over from an
+#   earlier run, and a program read back from the cache is the executable XLA compiled
+#   (same bits). A cache directory the caller set (JAX_COMPILATION_CACHE_DIR) is used as
+#   it is and kept.
+_run_dir = None  # set in the process that made the directory, which removes it
+if "PYTEST_XDIST_WORKER" not in os.environ:
+  _run_dir = tempfile.mkdtemp(prefix="pytest-run-")
+  os.environ["TMPDIR"] = os.path.join(_run_dir, "tmp")
+  os.mkdir(os.environ["TMPDIR"])
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    cache = os.path.join(_run_dir, "jax-cache")
+    os.mkdir(cache)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    # Every program, not only those that took a second to compile (most take less).
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # JAX read its environment when it was imported, above.
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_tmp(tmp_path_factory):
+  """Temporary files made in this process go to the run's tmp/ too (the workers read it
+  from TMPDIR when they start), once pytest has made its basetemp outside it."""
+  tmp_path_factory.getbasetemp()
+  saved, tempfile.tempdir = tempfile.tempdir, os.environ["TMPDIR"]
+  yield
+  tempfile.tempdir = saved
 
 
 def has_accelerator() -> bool:
@@ -179,5 +201,5 @@ def pytest_unconfigure(config):
   directory = config.stash.get(_FAULT_DIR, None)
   if directory is not None:
     shutil.rmtree(directory, ignore_errors=True)
-  if _own_cache is not None:
-    shutil.rmtree(_own_cache, ignore_errors=True)
+  if _run_dir is not None:
+    shutil.rmtree(_run_dir, ignore_errors=True)
